@@ -1,0 +1,119 @@
+"""MDLM: absorbing-state forward process, SUBS parameterisation and the continuous-time NELBO.
+
+The objective knows nothing about looping: it calls a `Denoiser`, any callable mapping (tokens [B, L]) to
+logits [B, L, V]; the trainer binds the loop count S into that callable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from loopdlm.diffusion.schedules import Schedule, make_schedule, stratified_times
+
+#: tokens [B, L] -> logits [B, L, V]
+Denoiser = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise process settings. `block_size` = None (or the sequence length) is MDLM; smaller is BD3-LM."""
+
+    schedule: str = "loglinear"
+    eps: float = 1e-3
+    antithetic: bool = True
+    block_size: int | None = None
+    clip_low: float = 0.0
+    clip_high: float = 1.0
+    adaptive_clip: bool = False
+
+
+@dataclass
+class NelboTerms:
+    """Sums over a batch: weighted NLL (nats), number of scored tokens, and the per-row NELBO [B] (nats/token)."""
+
+    nll_sum: Tensor
+    n_tokens: Tensor
+    per_row: Tensor
+
+    @property
+    def loss(self) -> Tensor:
+        """Mean NELBO in nats per scored token (a scalar to minimise)."""
+        return self.nll_sum / self.n_tokens.clamp(min=1)
+
+
+def subs_log_probs(logits: Tensor, mask_id: int) -> Tensor:
+    """SUBS (a): the model never predicts the mask token. logits [B, L, V] -> float32 log-probs [B, L, V]."""
+    blocked = torch.tensor([mask_id], device=logits.device)
+    return torch.log_softmax(logits.float().index_fill(-1, blocked, float("-inf")), dim=-1)
+
+
+def apply_mask(x0: Tensor, mask_prob: Tensor, noisable: Tensor | None, mask_id: int,
+               generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Absorbing-state forward process: each noisable token becomes `mask_id` with probability `mask_prob`.
+
+    Args:
+        x0: int64 [B, L] clean tokens.
+        mask_prob: float broadcastable to [B, L].
+        noisable: optional bool [B, L]; False positions (e.g. prompts) are never masked.
+    Returns:
+        (x_t int64 [B, L], masked bool [B, L]).
+    """
+    u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    masked = u < mask_prob
+    if noisable is not None:
+        masked &= noisable
+    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
+
+
+def weighted_masked_nll(log_probs: Tensor, x0: Tensor, masked: Tensor, weight: Tensor) -> Tensor:
+    """SUBS (b) + NELBO integrand: sum over masked positions of w * -log p(x0). Unmasked positions carry over
+    with probability 1 and contribute exactly 0.
+
+    Args: log_probs float [B, L, V]; x0 int64 [B, L]; masked bool [B, L]; weight float broadcastable to [B, L].
+    Returns: float [B], per-row sums in nats.
+    """
+    nll = -log_probs.gather(-1, x0[..., None]).squeeze(-1)
+    return (torch.where(masked, nll, torch.zeros_like(nll)) * weight).sum(dim=1)
+
+
+class MaskedDiffusion:
+    """The MDLM objective over whole sequences: one t per sequence, stratified over the batch."""
+
+    def __init__(self, mask_id: int, schedule: Schedule | None = None, antithetic: bool = True):
+        self.mask_id = mask_id
+        self.schedule = schedule if schedule is not None else make_schedule("loglinear")
+        self.antithetic = antithetic
+
+    def sample_times(self, n: int, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+        """n diffusion times in (eps, 1]: stratified over the batch when `antithetic`, i.i.d. otherwise."""
+        eps = getattr(self.schedule, "eps", 0.0)
+        if self.antithetic:
+            return stratified_times(n, eps, generator, device)
+        return eps + (1 - eps) * torch.rand(n, generator=generator, device=device)
+
+    def nelbo(self, denoiser: Denoiser, x0: Tensor, generator: torch.Generator | None = None,
+              noisable: Tensor | None = None, t: Tensor | None = None) -> NelboTerms:
+        """One Monte-Carlo sample of the NELBO for each row.
+
+        Args:
+            denoiser: tokens [B, L] -> logits [B, L, V].
+            x0: int64 [B, L] clean tokens.
+            noisable: optional bool [B, L]; only these are noised and scored (default: all).
+            t: optional float [B] times; drawn with `sample_times` when omitted.
+        Returns:
+            NelboTerms whose `loss` is nats per scored token.
+        """
+        batch = x0.shape[0]
+        if t is None:
+            t = self.sample_times(batch, generator, x0.device)
+        xt, masked = apply_mask(x0, self.schedule.mask_probability(t)[:, None], noisable, self.mask_id, generator)
+        log_probs = subs_log_probs(denoiser(xt), self.mask_id)
+        row_nll = weighted_masked_nll(log_probs, x0, masked, self.schedule.weight(t)[:, None])
+        row_tokens = (noisable.sum(dim=1) if noisable is not None
+                      else torch.full((batch,), x0.shape[1], device=x0.device)).float()
+        return NelboTerms(nll_sum=row_nll.sum(), n_tokens=row_tokens.sum(),
+                          per_row=row_nll / row_tokens.clamp(min=1))

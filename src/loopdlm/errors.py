@@ -1,0 +1,5 @@
+"""User-facing errors: raised for bad input and reported by the CLI as one line with a non-zero exit."""
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad config, missing checkpoint, bad argument). Its message is one line."""

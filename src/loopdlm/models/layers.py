@@ -1,0 +1,125 @@
+"""Transformer building blocks: rotary embeddings from explicit position ids, attention over SDPA, MLP, block.
+
+Keys are cached *before* rotation together with their position ids, so a cache can be re-based (slid past the
+training context) by changing positions alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: A cached prefix for one layer application: (keys before RoPE [B,H,P,hd], values [B,H,P,hd], positions [B|1,P]).
+PastKV = tuple[Tensor, Tensor, Tensor]
+
+
+def rotary_angles(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """Cosines and sines for rotary embeddings.
+
+    Args:
+        position_ids: integer tensor [B|1, L].
+        head_dim: even head dimension hd.
+        theta: RoPE base.
+    Returns:
+        (cos, sin), each float32 [B|1, 1, L, hd/2].
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    angles = position_ids.to(torch.float32)[..., None] * inv_freq
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs (first half, second half) of x [B,H,L,hd] by the given angles; keeps x's dtype."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotated.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `scaled_dot_product_attention`, bidirectional unless a mask says otherwise."""
+
+    def __init__(self, d_model: int, n_heads: int, rope_theta: float):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.rope_theta = rope_theta
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        position_ids: Tensor,
+        attn_mask: Tensor | None = None,
+        past: PastKV | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Attend from x to (past prefix ++ x).
+
+        Args:
+            x: [B, L, D] hidden states.
+            position_ids: [B|1, L] integer positions of x.
+            attn_mask: optional bool [B|1, 1|H, L, P+L], True where a query may attend a key.
+            past: optional cached prefix (keys before RoPE, values, positions) with P entries.
+        Returns:
+            (output [B, L, D], (keys before RoPE [B,H,L,hd], values [B,H,L,hd])) so callers can cache them.
+        """
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        present = (k, v)
+        cos, sin = rotary_angles(position_ids, self.head_dim, self.rope_theta)
+        q = apply_rotary(q, cos, sin)
+        if past is not None:
+            past_k, past_v, past_pos = past
+            k_pos = torch.cat((past_pos.expand(position_ids.shape[0], -1), position_ids), dim=1)
+            k = torch.cat((past_k.expand(batch, -1, -1, -1), k), dim=2)
+            v = torch.cat((past_v.expand(batch, -1, -1, -1), v), dim=2)
+            cos, sin = rotary_angles(k_pos, self.head_dim, self.rope_theta)
+        k = apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(y.transpose(1, 2).reshape(batch, length, -1)), present
+
+
+class MLP(nn.Module):
+    """Two-layer GELU feed-forward network, as in the DiT backbone of MDLM."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, L, D] -> [B, L, D]."""
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, mlp_hidden: int, rope_theta: float):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(d_model)
+        self.attn = Attention(d_model, n_heads, rope_theta)
+        self.mlp_norm = nn.RMSNorm(d_model)
+        self.mlp = MLP(d_model, mlp_hidden)
+
+    def forward(
+        self, x: Tensor, position_ids: Tensor, attn_mask: Tensor | None = None, past: PastKV | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x [B, L, D] -> ([B, L, D], this application's (keys, values)); arguments as in `Attention.forward`."""
+        attended, present = self.attn(self.attn_norm(x), position_ids, attn_mask, past)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), present
+
+
+def init_weights(module: nn.Module, n_layers: int) -> None:
+    """GPT-2 style initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+    for name, param in module.named_parameters():
+        if param.dim() < 2:
+            continue
+        std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("out.weight", "down.weight")) else 0.02
+        nn.init.normal_(param, mean=0.0, std=std)

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny models with perturbed (non-degenerate) weights."""
+
+import pytest
+import torch
+
+from loopdlm.models import LoopedTransformer, ModelConfig
+
+
+def make_model(vocab_size: int = 23, n_layers: int = 4, d_model: int = 32, n_heads: int = 2, core: tuple = (1, 3),
+               max_loops: int = 3, seed: int = 0, **kwargs) -> LoopedTransformer:
+    """A tiny looped transformer whose weights are scaled up so logits depend visibly on the input."""
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=vocab_size, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
+                         core_start=core[0], core_end=core[1], max_loops=max_loops, **kwargs)
+    model = LoopedTransformer(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model() -> LoopedTransformer:
+    return make_model()
