@@ -1,0 +1,41 @@
+"""`loopdlm train`: train a (looped) masked diffusion model from a preset or YAML config plus overrides."""
+
+from __future__ import annotations
+
+from loopdlm.config import available_presets, load_config
+from loopdlm.data.corpus import TokenDataset
+from loopdlm.train.distributed import barrier, setup_distributed
+from loopdlm.train.trainer import Trainer
+from loopdlm.workflow import CorpusBatchSource, build_model, build_objective, prepare_data
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a model (also under torchrun for DDP/FSDP)")
+    parser.add_argument("--config", required=True, help=f"preset ({', '.join(available_presets())}) or YAML file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200 model.max_loops=6")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> None:
+    config = load_config(args.config, args.overrides)
+    dist = setup_distributed(config.train.device)
+    corpus = prepare_data(config.data) if dist.rank == 0 else None
+    barrier(dist)
+    if corpus is None:
+        corpus = prepare_data(config.data)
+    tokenizer = corpus.tokenizer
+    model = build_model(config.model, tokenizer.vocab_size)
+    objective = build_objective(config, tokenizer.mask_id)
+    seq_len, batch, seed = config.data.seq_len, config.train.batch_size, config.train.seed
+    train_source = CorpusBatchSource(TokenDataset(corpus.directory, "train", seq_len), batch, seed,
+                                     dist.rank, dist.world_size)
+    val_source = CorpusBatchSource(TokenDataset(corpus.directory, "val", seq_len), batch, seed + 1,
+                                   dist.rank, dist.world_size)
+    trainer = Trainer(config, model, objective, train_source, val_source, config.train.out_dir,
+                      tokenizer_saver=tokenizer.save, dist=dist)
+    result = trainer.fit()
+    if dist.rank == 0:
+        print(f"trained {result.step} steps -> {result.checkpoint}")
+        for loops, values in sorted(result.eval_metrics.items()):
+            print(f"validation S={loops}: {values['nats_per_token']:.4f} nats/token, "
+                  f"PPL <= {values['ppl_bound']:.2f}")
