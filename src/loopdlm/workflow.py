@@ -16,6 +16,7 @@ from loopdlm.diffusion.masked import MaskedDiffusion
 from loopdlm.diffusion.schedules import make_schedule
 from loopdlm.errors import UserError
 from loopdlm.models.transformer import LoopedTransformer, ModelConfig
+from loopdlm.train.distributed import resolve_device  # noqa: F401  (re-exported for commands)
 from loopdlm.train.checkpoint import TOKENIZER_DIR, load_checkpoint_config, load_model_weights, resolve_checkpoint
 
 
@@ -112,16 +113,3 @@ def load_pretrained(checkpoint: str | Path, device: torch.device | str = "cpu", 
     model = build_model(config.model, tokenizer.vocab_size)
     load_model_weights(path, model, use_ema=use_ema)
     return LoadedModel(model.to(device).eval(), tokenizer, config, path)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else is passed to torch.device (UserError if invalid)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but CUDA is not available")
-    return device

@@ -57,10 +57,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown train.device '{name}' (use auto, cpu, cuda or cuda:N)") from None
+        raise UserError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"train.device '{name}' requested but CUDA is not available")
+            raise UserError(f"device '{name}' requested but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device

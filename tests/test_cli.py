@@ -1,0 +1,112 @@
+"""The command line end to end on a small generated corpus, and every bad-input case from the core issue."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from loopdlm.cli import main
+
+TINY = ["model.n_layers=3", "model.d_model=32", "model.n_heads=2", "model.core_start=1", "model.core_end=2",
+        "model.max_loops=3", "data.seq_len=32", "train.steps=4", "train.batch_size=4", "train.eval_every=4",
+        "train.eval_batches=1", "train.ckpt_every=2", "train.log_every=2", "train.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 4-step training run on a generated text corpus, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("cli")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(400)))
+    run = root / "run"
+    overrides = TINY + [f"data.source=text:{corpus}", f"data.cache_dir={root / 'cache'}", f"train.out_dir={run}"]
+    assert main(["train", "--config", "tiny-cpu", *overrides]) == 0
+    return root, run, overrides
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_eval_sample_end_to_end(trained_run, capsys):
+    root, run, _ = trained_run
+    assert (run / "checkpoints" / "latest").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "val"}
+    code, out, _ = run_cli(["eval", "--checkpoint", str(run), "--loops", "1", "5", "--batches", "1",
+                            "--batch-size", "2", "--json"], capsys)
+    assert code == 0
+    reports = json.loads(out)
+    assert [r["loops"] for r in reports] == [1, 5] and all(r["nats_per_token"] > 0 for r in reports)
+    code, out, _ = run_cli(["sample", "--checkpoint", str(run), "--prompt", "line 1", "--num-samples", "2",
+                            "--steps", "8", "--loops", "4", "--json"], capsys)
+    assert code == 0
+    payload = json.loads(out)
+    assert len(payload["samples"]) == 2 and all(s.startswith("line 1") for s in payload["samples"])
+    assert payload["stats"]["core_applications"] == 4 * payload["stats"]["row_forward_passes"]
+
+
+def test_rerunning_a_finished_run_keeps_its_checkpoint(trained_run, capsys):
+    root, run, overrides = trained_run
+    latest = (run / "checkpoints" / "latest").read_text()
+    assert main(["train", "--config", "tiny-cpu", *overrides]) == 0
+    assert (run / "checkpoints" / "latest").read_text() == latest
+
+
+def expect_user_error(args, capsys, pattern):
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and pattern in lines[0], err
+
+
+def test_unknown_config_key_suggests_the_nearest(capsys):
+    expect_user_error(["train", "--config", "tiny-cpu", "train.lrr=0.1"], capsys, "did you mean 'train.lr'")
+    expect_user_error(["train", "--config", "tiny-cpi"], capsys, "did you mean 'tiny-cpu'")
+
+
+def test_missing_and_corrupt_checkpoints(trained_run, tmp_path, capsys):
+    _, run, _ = trained_run
+    expect_user_error(["sample", "--checkpoint", str(tmp_path / "nope")], capsys, "checkpoint not found")
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    step = broken / "checkpoints" / (broken / "checkpoints" / "latest").read_text().strip()
+    (step / "ema.safetensors").write_bytes(b"not a safetensors file")
+    expect_user_error(["sample", "--checkpoint", str(broken)], capsys, "ema.safetensors")
+
+
+def test_tokenizer_vocabulary_mismatch(trained_run, tmp_path, capsys):
+    from loopdlm.data.tokenizers import CharTokenizer
+
+    _, run, _ = trained_run
+    copy = tmp_path / "mismatch"
+    shutil.copytree(run, copy)
+    step = copy / "checkpoints" / (copy / "checkpoints" / "latest").read_text().strip()
+    shutil.rmtree(step / "tokenizer")
+    CharTokenizer.from_text("abc").save(step / "tokenizer")
+    expect_user_error(["sample", "--checkpoint", str(copy)], capsys, "tokenizer has 6 ids")
+
+
+def test_prompt_longer_than_context_and_bad_loop_counts(trained_run, capsys):
+    _, run, _ = trained_run
+    expect_user_error(["sample", "--checkpoint", str(run), "--prompt", "line " * 20], capsys, "no room")
+    expect_user_error(["sample", "--checkpoint", str(run), "--length", "64"], capsys, "training context")
+    expect_user_error(["sample", "--checkpoint", str(run), "--loops", "0"], capsys, "--loops must be >= 1")
+    expect_user_error(["eval", "--checkpoint", str(run), "--loops", "0"], capsys, ">= 1")
+
+
+def test_empty_corpus(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    expect_user_error(["prepare", f"text:{empty}", "--cache-dir", str(tmp_path / "c")], capsys, "empty")
+
+
+def test_module_entry_point_prints_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "loopdlm", "sample", "--checkpoint", str(tmp_path / "x")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "checkpoint not found" in result.stderr
