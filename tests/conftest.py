@@ -5,6 +5,9 @@ import torch
 
 from loopdlm.models import LoopedTransformer, ModelConfig
 
+# The suite runs tiny tensors, for which extra threads only add contention (and oversubscribe a loaded machine).
+torch.set_num_threads(1)
+
 
 def make_model(vocab_size: int = 23, n_layers: int = 4, d_model: int = 32, n_heads: int = 2, core: tuple = (1, 3),
                max_loops: int = 3, seed: int = 0, **kwargs) -> LoopedTransformer:

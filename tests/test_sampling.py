@@ -25,6 +25,10 @@ def test_every_sampler_fills_every_slot_and_keeps_the_prompt(name, block_length)
     assert result.stats.forward_passes >= 1
     assert result.stats.core_applications.tolist() == [2.0 * p for p in result.stats.row_forward_passes.tolist()]
     assert len(result.trace) == len(result.stats.committed_per_step) + 1
+    assert torch.equal(result.trace[0], canvas) and torch.equal(result.trace[-1], result.tokens)
+    masks_left = [int((state == MASK).sum()) for state in result.trace]
+    committed = [before - after for before, after in zip(masks_left, masks_left[1:])]
+    assert committed == result.stats.committed_per_step
     assert sum(result.stats.committed_per_step) == int((canvas == MASK).sum())
 
 

@@ -17,7 +17,9 @@ from loopdlm.models.transformer import LoopedTransformer
 from loopdlm.sampling.denoisers import ModelDenoiser
 from loopdlm.sampling.engine import SampleResult, Selector, generate
 from loopdlm.sampling.loops import AdaptiveLoops, FixedLoops, ScheduledLoops
+from loopdlm.sampling.parallel import EntropyBoundedSelector, FactorSelector
 from loopdlm.sampling.selectors import AncestralSelector, FixedScheduleSelector, ThresholdSelector
+from loopdlm.sampling.wino import WinoDenoiser, WinoSelector
 
 
 @dataclass
@@ -26,6 +28,9 @@ class SamplerSpec:
 
     steps: denoising steps for the whole region (split evenly over blocks); block_length 0 = one block.
     loops: core applications S (0 = the model's training S_max); loop_policy: 'fixed' | 'scheduled' | 'adaptive'.
+    factor: Fast-dLLM factor f ('factor'); eb_gamma: EB-sampler entropy budget in nats ('eb').
+    tau1 / tau2: WINO draft / verify thresholds ('wino'; tau2 = 0 never re-masks); the WINO draft cap per step is
+    min(max(floor(wino_accept_fraction * masked), wino_min_accept), wino_max_accept).
     """
 
     sampler: str = "ancestral"
@@ -39,6 +44,13 @@ class SamplerSpec:
     min_loops: int = 1
     loop_eps: float = 0.02
     per_token_exit: bool = False
+    factor: float = 1.0
+    eb_gamma: float = 0.1
+    tau1: float = 0.6
+    tau2: float = 0.9
+    wino_accept_fraction: float = 0.7
+    wino_min_accept: int = 5
+    wino_max_accept: int = 20
 
 
 SELECTORS: dict[str, Callable[[SamplerSpec, int], Selector]] = {
@@ -46,6 +58,10 @@ SELECTORS: dict[str, Callable[[SamplerSpec, int], Selector]] = {
     "topk": lambda spec, steps: FixedScheduleSelector(steps, "confidence"),
     "random": lambda spec, steps: FixedScheduleSelector(steps, "random"),
     "threshold": lambda spec, steps: ThresholdSelector(spec.threshold),
+    "factor": lambda spec, steps: FactorSelector(spec.factor),
+    "eb": lambda spec, steps: EntropyBoundedSelector(spec.eb_gamma),
+    "wino": lambda spec, steps: WinoSelector(spec.tau1, spec.tau2, spec.wino_accept_fraction, spec.wino_min_accept,
+                                             spec.wino_max_accept),
 }
 
 
@@ -56,7 +72,10 @@ def build_selector(spec: SamplerSpec, region_length: int) -> Selector:
     if spec.steps < 1:
         raise UserError(f"steps must be >= 1, got {spec.steps}")
     blocks = -(-region_length // spec.block_length) if spec.block_length > 0 else 1
-    return SELECTORS[spec.sampler](spec, max(1, spec.steps // blocks))
+    try:
+        return SELECTORS[spec.sampler](spec, max(1, spec.steps // blocks))
+    except ValueError as exc:
+        raise UserError(f"bad {spec.sampler} sampler settings: {exc}") from None
 
 
 def build_loop_policy(spec: SamplerSpec, model: LoopedTransformer):
@@ -79,7 +98,9 @@ def sample(model: LoopedTransformer, tokens: Tensor, mask_id: int, spec: Sampler
     editable_columns = (tokens == mask_id).any(dim=0).nonzero()
     region = tokens.shape[1] - int(editable_columns[0]) if len(editable_columns) else 0
     selector = build_selector(spec, max(region, 1))
-    denoiser = ModelDenoiser(model, mask_id, build_loop_policy(spec, model))
+    # WINO's verify step reads a shadow block that only WinoDenoiser computes.
+    denoiser_class = WinoDenoiser if spec.sampler == "wino" else ModelDenoiser
+    denoiser = denoiser_class(model, mask_id, build_loop_policy(spec, model))
     return generate(denoiser, tokens, selector, mask_id, block_length=spec.block_length,
                     temperature=spec.temperature, top_p=spec.top_p, transforms=tuple(transforms),
                     generator=generator, record_trace=record_trace)

@@ -168,6 +168,7 @@ def generate(
     record_trace: bool = False,
     reuse_unchanged: bool = True,
     max_steps_per_window: int | None = None,
+    align_windows: bool = False,
 ) -> SampleResult:
     """Fill every masked slot of `tokens`.
 
@@ -179,6 +180,8 @@ def generate(
         reuse_unchanged: skip the forward pass when x_t has not changed since the last one (valid because the
             denoiser is time-independent); forward_passes then counts passes actually run.
         max_steps_per_window: iteration guard; defaults to the selector's `steps` (if any) + 4 * window + 16.
+        align_windows: windows are [k * block_length, (k+1) * block_length) in absolute columns (block diffusion's
+            blocks, aligned at 0) instead of starting at the first masked column (LLaDA's semi-AR blocks).
     Returns:
         SampleResult; the input tensor is not modified.
     """
@@ -190,10 +193,14 @@ def generate(
         raise UserError("nothing to generate: the input has no masked slots")
     first = int(editable.any(dim=0).nonzero()[0])
     width = block_length if block_length > 0 else length - first
+    if align_windows:
+        if block_length <= 0:
+            raise UserError("align_windows needs block_length > 0")
+        first -= first % width
     stats = SampleStats(row_forward_passes=torch.zeros(batch, dtype=torch.long, device=tokens.device),
                         core_applications=torch.zeros(batch, device=tokens.device),
                         generated_tokens=int(editable.sum()))
-    trace: list[Tensor] | None = [tokens.cpu()] if record_trace else None
+    trace: list[Tensor] | None = [tokens.to("cpu", copy=True)] if record_trace else None
     total_editable = editable.sum().clamp(min=1)
 
     for start in range(first, length, width):
@@ -221,7 +228,7 @@ def generate(
             for transform in transforms:
                 log_probs = transform(log_probs, window_tokens, selectable, generator)
             candidates = gumbel_candidates(log_probs, temperature, top_p, generator)
-            confidence = cached.log_probs.gather(-1, candidates[..., None]).squeeze(-1).exp()
+            confidence = log_probs.gather(-1, candidates[..., None]).squeeze(-1).exp()
             ctx = StepContext(tokens=window_tokens, log_probs=log_probs, candidates=candidates,
                               confidence=confidence, selectable=selectable, editable=win_editable, step=step,
                               window_masked_at_start=masked_at_start, generator=generator, extras=cached.extras)
@@ -237,7 +244,7 @@ def generate(
                 cached = None
             stats.committed_per_step.append(int(commit.sum()))
             if trace is not None:
-                trace.append(tokens.cpu())
+                trace.append(tokens.to("cpu", copy=True))
             step += 1
         denoiser.end_window(tokens, window)
 
