@@ -110,3 +110,21 @@ def test_module_entry_point_prints_no_traceback(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "checkpoint not found" in result.stderr
+
+
+def test_block_diffusion_run_generates_past_its_context(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"row {i}: to be or not to be, that is the question {i % 5}" for i in range(300)))
+    run = tmp_path / "bd3"
+    overrides = TINY + [f"data.source=text:{corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"train.out_dir={run}",
+                        "diffusion.block_size=8"]
+    assert main(["train", "--config", "bd3-tiny-cpu", *overrides]) == 0
+    capsys.readouterr()
+    code, out, _ = run_cli(["sample", "--checkpoint", str(run), "--prompt", "row 1", "--length", "80",
+                            "--steps", "80", "--loops", "2", "--json"], capsys)
+    assert code == 0
+    samples = json.loads(out)["samples"]
+    assert len(samples) == 2 and all(s.startswith("row 1") for s in samples)
+    code, out, _ = run_cli(["eval", "--checkpoint", str(run), "--loops", "2", "--batches", "1", "--batch-size", "2",
+                            "--json"], capsys)
+    assert code == 0 and json.loads(out)[0]["nats_per_token"] > 0

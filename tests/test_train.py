@@ -425,3 +425,28 @@ def test_tensor_batch_source_shards_global_batches_and_resumes():
     copy = TensorBatchSource(tokens, batch_size=4, seed=3)
     copy.load_state_dict(state)
     assert all(torch.equal(copy.next_batch()[0], batch) for batch in expected)
+
+
+def test_block_diffusion_adapts_its_noise_interval_on_validation_and_resumes_it(tmp_path):
+    from loopdlm.diffusion.block import BlockDiffusion
+
+    def objective():
+        return BlockDiffusion(MASK_ID, block_size=4, seq_len=SEQ_LEN, adaptive_clip=True,
+                              candidates=((0.0, 1.0), (0.5, 1.0)))
+
+    tokens = random_corpus()
+    config = run_config(eval_every=2, ckpt_every=2, steps=4)
+    first = objective()
+    make_trainer(config, tmp_path, tokens, objective=first).fit()
+    schedule = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["split"] == "schedule"]
+    assert [r["step"] for r in schedule] == [2, 4]
+    assert all((r["clip_low"], r["clip_high"]) in ((0.0, 1.0), (0.5, 1.0)) for r in schedule)
+    assert first.clip == (schedule[-1]["clip_low"], schedule[-1]["clip_high"])
+    assert read_training_state(tmp_path)["objective"] == {"clip_low": first.clip[0], "clip_high": first.clip[1]}
+
+    resumed = objective()
+    resumed.clip = (0.25, 0.75)
+    config.train.steps = 4
+    make_trainer(config, tmp_path, tokens, objective=resumed).fit()
+    assert resumed.clip == first.clip

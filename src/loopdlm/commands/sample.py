@@ -8,6 +8,7 @@ import torch
 
 from loopdlm.errors import UserError
 from loopdlm.sampling import SamplerSpec, prompt_canvas, sample
+from loopdlm.sampling.long_generation import sample_blocks
 from loopdlm.workflow import load_pretrained, resolve_device
 
 
@@ -39,12 +40,25 @@ def sampler_spec_from_args(args, config) -> SamplerSpec:
                        per_token_exit=args.per_token_exit)
 
 
+def _sample_block_diffusion(loaded, rows: list[list[int]], spec: SamplerSpec, block_size: int, args, generator):
+    """Block-by-block generation with the KV cache, past the training context if asked, stopping rows at EOS."""
+    if args.trace:
+        raise UserError("--trace is not available for block-diffusion generation")
+    config = loaded.config
+    length = args.length or config.data.seq_len
+    if any(len(row) >= config.data.seq_len for row in rows):
+        raise UserError(f"prompt leaves no room within the context of {config.data.seq_len} tokens")
+    return sample_blocks(loaded.model, rows, loaded.tokenizer.mask_id, loaded.tokenizer.eos_id, spec, length,
+                         block_size, context_window=config.data.seq_len, generator=generator)
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("sample", help="generate from a checkpoint")
     parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     parser.add_argument("--prompt", action="append", default=[], help="prefix text (repeat for several)")
     parser.add_argument("--num-samples", type=int, default=None, help="samples per prompt")
-    parser.add_argument("--length", type=int, default=None, help="total tokens per row (default: training length)")
+    parser.add_argument("--length", type=int, default=None, help="tokens per row (default: training length); "
+                        "block-diffusion models generate this many new tokens, also past the training context")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--trace", default=None, help="write the step-by-step trace as JSON to this file")
@@ -58,21 +72,27 @@ def run(args) -> None:
     loaded = load_pretrained(args.checkpoint, device)
     tok, config = loaded.tokenizer, loaded.config
     spec = sampler_spec_from_args(args, config)
-    length = args.length or config.data.seq_len
-    if length > config.data.seq_len:
-        raise UserError(f"--length {length} exceeds the training context of {config.data.seq_len} tokens")
     count = args.num_samples or config.sample.num_samples
     if count < 1:
         raise UserError(f"--num-samples must be >= 1, got {count}")
     prompts = [tok.encode(p) for p in (args.prompt or [""])]
     rows = [ids for ids in prompts for _ in range(count)]
-    canvas = prompt_canvas(rows, length, tok.mask_id, tok.pad_id).to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    result = sample(loaded.model, canvas, tok.mask_id, spec, generator, record_trace=args.trace is not None)
-    texts = [tok.decode(row.tolist()) for row in result.tokens]
-    if args.trace:
-        with open(args.trace, "w", encoding="utf-8") as handle:
-            json.dump({"mask_id": tok.mask_id, "steps": [t.tolist() for t in result.trace]}, handle)
+    block_size = config.diffusion.block_size
+    if block_size is not None and block_size < config.data.seq_len:
+        result = _sample_block_diffusion(loaded, rows, spec, block_size, args, generator)
+        texts = [tok.decode(prompt + generated) for prompt, generated in zip(rows, result.sequences)]
+    else:
+        length = args.length or config.data.seq_len
+        if length > config.data.seq_len:
+            raise UserError(f"--length {length} exceeds the training context of {config.data.seq_len} tokens "
+                            "(only block-diffusion models generate past it)")
+        canvas = prompt_canvas(rows, length, tok.mask_id, tok.pad_id).to(device)
+        result = sample(loaded.model, canvas, tok.mask_id, spec, generator, record_trace=args.trace is not None)
+        texts = [tok.decode(row.tolist()) for row in result.tokens]
+        if args.trace:
+            with open(args.trace, "w", encoding="utf-8") as handle:
+                json.dump({"mask_id": tok.mask_id, "steps": [t.tolist() for t in result.trace]}, handle)
     if args.json:
         print(json.dumps({"samples": texts, "stats": result.stats.summary(), "sampler": vars(spec)}))
         return

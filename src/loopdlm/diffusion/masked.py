@@ -80,6 +80,13 @@ def weighted_masked_nll(log_probs: Tensor, x0: Tensor, masked: Tensor, weight: T
     return (torch.where(masked, nll, torch.zeros_like(nll)) * weight).sum(dim=1)
 
 
+def average_terms(draws: list[NelboTerms]) -> NelboTerms:
+    """Average independent NELBO draws of the same batch (a lower-variance estimate of the same bound)."""
+    count = len(draws)
+    return NelboTerms(nll_sum=sum(d.nll_sum for d in draws) / count, n_tokens=draws[0].n_tokens,
+                      per_row=sum(d.per_row for d in draws) / count)
+
+
 class MaskedDiffusion:
     """The MDLM objective over whole sequences: one t per sequence, stratified over the batch."""
 
@@ -117,3 +124,8 @@ class MaskedDiffusion:
                       else torch.full((batch,), x0.shape[1], device=x0.device)).float()
         return NelboTerms(nll_sum=row_nll.sum(), n_tokens=row_tokens.sum(),
                           per_row=row_nll / row_tokens.clamp(min=1))
+
+    def bound(self, denoiser: Denoiser, x0: Tensor, generator: torch.Generator | None = None,
+              noisable: Tensor | None = None, samples: int = 1) -> NelboTerms:
+        """The reported NELBO (upper bound on the NLL) averaged over `samples` t draws per row."""
+        return average_terms([self.nelbo(denoiser, x0, generator, noisable) for _ in range(samples)])

@@ -53,10 +53,8 @@ def likelihood_bound(model: LoopedTransformer, objective, batches: Iterable[tupl
     for x0, noisable in batches:
         x0 = x0.to(device)
         noisable = noisable.to(device) if noisable is not None else None
-        for _ in range(samples):
-            terms = objective.nelbo(denoiser, x0, generator, noisable)
-            total_nll += float(terms.nll_sum)
-            total_tokens += float(terms.n_tokens)
+        terms = objective.bound(denoiser, x0, generator, noisable, samples)
+        total_nll += float(terms.nll_sum)
+        total_tokens += float(terms.n_tokens)
     model.train(was_training)
-    return LikelihoodReport(loops=loops, nats_per_token=total_nll / max(total_tokens, 1.0),
-                            tokens=int(total_tokens / max(samples, 1)))
+    return LikelihoodReport(loops=loops, nats_per_token=total_nll / max(total_tokens, 1.0), tokens=int(total_tokens))

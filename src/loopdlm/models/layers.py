@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 #: A cached prefix for one layer application: (keys before RoPE [B,H,P,hd], values [B,H,P,hd], positions [B|1,P]).
 PastKV = tuple[Tensor, Tensor, Tensor]
@@ -63,7 +64,9 @@ class Attention(nn.Module):
         Args:
             x: [B, L, D] hidden states.
             position_ids: [B|1, L] integer positions of x.
-            attn_mask: optional bool [B|1, 1|H, L, P+L], True where a query may attend a key.
+            attn_mask: optional bool [B|1, 1|H, L, P+L], True where a query may attend a key, or a FlexAttention
+                BlockMask over (L, P+L) (routed to `flex_attention`; fused only under torch.compile, and this torch
+                has no FlexAttention backward on CPU).
             past: optional cached prefix (keys before RoPE, values, positions) with P entries.
         Returns:
             (output [B, L, D], (keys before RoPE [B,H,L,hd], values [B,H,L,hd])) so callers can cache them.
@@ -80,7 +83,10 @@ class Attention(nn.Module):
             v = torch.cat((past_v.expand(batch, -1, -1, -1), v), dim=2)
             cos, sin = rotary_angles(k_pos, self.head_dim, self.rope_theta)
         k = apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if isinstance(attn_mask, BlockMask):
+            y = flex_attention(q, k, v, block_mask=attn_mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out(y.transpose(1, 2).reshape(batch, length, -1)), present
 
 

@@ -83,11 +83,19 @@ class BatchSource(Protocol):
 
 
 class Objective(Protocol):
-    """A diffusion training objective such as `MaskedDiffusion` (the trainer needs only `nelbo`)."""
+    """A diffusion training objective such as `MaskedDiffusion` or `BlockDiffusion`.
+
+    Optional extras the trainer uses when present: `on_validation(denoiser, batches, log)` (e.g. the data-driven
+    clipped schedule of block diffusion) and `state_dict()` / `load_state_dict()` (saved with checkpoints).
+    """
 
     def nelbo(self, denoiser: Denoiser, x0: Tensor, generator: torch.Generator | None = None,
               noisable: Tensor | None = None) -> NelboTerms:
         """One Monte-Carlo NELBO sample for the batch x0 int64 [B, L]; see `MaskedDiffusion.nelbo`."""
+
+    def bound(self, denoiser: Denoiser, x0: Tensor, generator: torch.Generator | None = None,
+              noisable: Tensor | None = None, samples: int = 1) -> NelboTerms:
+        """The reported NELBO (unclipped noise interval), averaged over `samples` draws."""
 
 
 class TensorBatchSource:
@@ -240,6 +248,7 @@ class Trainer:
                 if self.val_source is not None and _due(self.step, train.eval_every, last):
                     result.eval_metrics = self.evaluate()
                     self._log_eval(result.eval_metrics)
+                    self._adapt_objective()
                 if _due(self.step, train.ckpt_every, last):
                     self.checkpoint = self.save()
         finally:
@@ -324,10 +333,9 @@ class Trainer:
                         x0, noisable = self.val_source.next_batch()
                         x0 = x0.to(self.device)
                         noisable = noisable.to(self.device) if noisable is not None else None
-                        for _ in range(train.eval_samples):
-                            with self._autocast():
-                                terms = self.objective.nelbo(denoiser, x0, generator=generator, noisable=noisable)
-                            totals += torch.stack((terms.nll_sum.double(), terms.n_tokens.double()))
+                        with self._autocast():
+                            terms = self.objective.bound(denoiser, x0, generator, noisable, train.eval_samples)
+                        totals += torch.stack((terms.nll_sum.double(), terms.n_tokens.double()))
                     all_reduce_sum(totals, self.dist)
                     nats = (totals[0] / totals[1].clamp(min=1)).item()
                     results[loops] = {"nats_per_token": nats, "bits_per_token": nats / math.log(2),
@@ -336,6 +344,30 @@ class Trainer:
         finally:
             self.model.train()
         return results
+
+    @torch.no_grad()
+    def _adapt_objective(self) -> None:
+        """Let the objective tune itself on validation batches (block diffusion's lowest-variance clipped noise
+        interval), with the live weights at the S of the current step; every choice goes to metrics.jsonl."""
+        hook = getattr(self.objective, "on_validation", None)
+        if hook is None:
+            return
+        train = self.config.train
+        loops = loops_for_step(train.seed, self.step, self.max_loops)
+
+        def denoiser(tokens: Tensor, **inputs: Any) -> Tensor:
+            return self.model(tokens, loops=loops, **inputs).logits
+
+        self.val_source.load_state_dict(self.val_start)
+        batches = [self.val_source.next_batch()[0].to(self.device) for _ in range(train.eval_batches)]
+        self.model.eval()
+        try:
+            with self._autocast():
+                hook(denoiser, batches, lambda record: self._write_metrics(
+                    {"split": "schedule", "step": self.step, **record}))
+            reshard(self.model)
+        finally:
+            self.model.train()
 
     # --------------------------------------------------------------------------------------------- checkpoints
     def save(self) -> Path | None:
@@ -350,7 +382,8 @@ class Trainer:
         if self.dist.is_main:
             training_state = {"step": self.step, "tokens": self.tokens, "flops": self.flops,
                               "elapsed": self.elapsed, "optimizer": optimizer_state,
-                              "data": self.train_source.state_dict(), "rng": _rng_state(self.device)}
+                              "data": self.train_source.state_dict(), "rng": _rng_state(self.device),
+                              "objective": _objective_state(self.objective)}
             folder = save_checkpoint(self.out_dir, self.step, model_state=model_state, ema_state=ema_state,
                                      training_state=training_state, config=self.config,
                                      tokenizer_saver=self.tokenizer_saver, keep_last=self.config.train.keep_last)
@@ -386,6 +419,8 @@ class Trainer:
         try:
             load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
             self.train_source.load_state_dict(state["data"])
+            if state.get("objective"):
+                self.objective.load_state_dict(state["objective"])
             _set_rng_state(state["rng"], self.device)
             self.step, self.tokens = int(state["step"]), int(state["tokens"])
             self.flops, self.elapsed = float(state["flops"]), float(state["elapsed"])
@@ -438,6 +473,11 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def _objective_state(objective: Objective) -> dict[str, Any]:
+    # MDLM has no state; block diffusion remembers its data-driven noise interval.
+    return objective.state_dict() if hasattr(objective, "state_dict") else {}
 
 
 def _due(step: int, every: int, last: bool) -> bool:
