@@ -14,6 +14,7 @@ import yaml
 from loopdlm.diffusion.masked import DiffusionConfig
 from loopdlm.errors import UserError
 from loopdlm.models.transformer import ModelConfig
+from loopdlm.sampling import SamplerSpec
 
 
 @dataclass
@@ -60,16 +61,10 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig:
-    """Defaults for generation after training and for the `sample` command."""
+class SampleConfig(SamplerSpec):
+    """The default sampler of a run (every `SamplerSpec` field) plus how many samples to draw and the loop
+    counts at which validation reports the NELBO."""
 
-    sampler: str = "ancestral"
-    steps: int = 64
-    loops: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    block_length: int = 0
-    threshold: float = 0.9
     num_samples: int = 2
     length: int = 0
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8])

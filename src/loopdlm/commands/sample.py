@@ -2,42 +2,45 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
 
 from loopdlm.errors import UserError
-from loopdlm.sampling import SamplerSpec, prompt_canvas, sample
+from loopdlm.sampling import SELECTORS, SamplerSpec, prompt_canvas, sample
 from loopdlm.sampling.long_generation import sample_blocks
 from loopdlm.workflow import load_pretrained, resolve_device
 
 
-def add_sampler_arguments(parser, defaults: SamplerSpec | None = None) -> None:
-    """Flags that describe a sampler (shared by `sample` and task evaluation)."""
-    d = defaults or SamplerSpec()
-    parser.add_argument("--sampler", default=None, help="ancestral | topk | random | threshold | ... "
-                        "(default: the checkpoint config's)")
+def add_sampler_arguments(parser) -> None:
+    """Flags that describe a sampler (shared by `sample`, task evaluation and judging); every flag left out falls
+    back to the checkpoint config's `sample` section."""
+    parser.add_argument("--sampler", default=None, help=f"one of {', '.join(sorted(SELECTORS))}")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps for the whole generated region")
-    parser.add_argument("--block-length", type=int, default=d.block_length, help="semi-AR block length (0 = one)")
-    parser.add_argument("--temperature", type=float, default=d.temperature)
-    parser.add_argument("--top-p", type=float, default=d.top_p)
-    parser.add_argument("--threshold", type=float, default=d.threshold, help="confidence threshold (threshold)")
+    parser.add_argument("--block-length", type=int, default=None, help="semi-AR block length (0 = one block)")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--threshold", type=float, default=None, help="confidence threshold (threshold)")
+    parser.add_argument("--factor", type=float, default=None, help="Fast-dLLM factor f (factor)")
+    parser.add_argument("--eb-gamma", type=float, default=None, help="entropy budget in nats (eb)")
+    parser.add_argument("--tau1", type=float, default=None, help="WINO draft threshold (wino)")
+    parser.add_argument("--tau2", type=float, default=None, help="WINO verify threshold (wino)")
     parser.add_argument("--loops", type=int, default=None, help="core applications S (default: training S_max)")
-    parser.add_argument("--loop-policy", choices=["fixed", "scheduled", "adaptive"], default=d.loop_policy)
-    parser.add_argument("--min-loops", type=int, default=d.min_loops, help="scheduled policy: S at the ends")
-    parser.add_argument("--loop-eps", type=float, default=d.loop_eps, help="adaptive policy: convergence threshold")
-    parser.add_argument("--per-token-exit", action="store_true", help="adaptive policy: freeze converged tokens")
+    parser.add_argument("--loop-policy", choices=["fixed", "scheduled", "adaptive"], default=None)
+    parser.add_argument("--min-loops", type=int, default=None, help="scheduled policy: S at the ends")
+    parser.add_argument("--loop-eps", type=float, default=None, help="adaptive policy: convergence threshold")
+    parser.add_argument("--per-token-exit", action="store_true", default=None,
+                        help="adaptive policy: freeze converged tokens")
 
 
 def sampler_spec_from_args(args, config) -> SamplerSpec:
-    """Merge CLI flags over the checkpoint's `sample` defaults; validates S."""
-    if args.loops is not None and args.loops < 1:
+    """The checkpoint config's sampler with every flag the user gave put over it; validates S."""
+    if getattr(args, "loops", None) is not None and args.loops < 1:
         raise UserError(f"--loops must be >= 1, got {args.loops}")
-    return SamplerSpec(sampler=args.sampler or config.sample.sampler, steps=args.steps or config.sample.steps,
-                       block_length=args.block_length, temperature=args.temperature, top_p=args.top_p,
-                       threshold=args.threshold, loops=args.loops or config.sample.loops,
-                       loop_policy=args.loop_policy, min_loops=args.min_loops, loop_eps=args.loop_eps,
-                       per_token_exit=args.per_token_exit)
+    values = {f.name: getattr(config.sample, f.name) for f in dataclasses.fields(SamplerSpec)}
+    values.update({name: value for name, value in vars(args).items() if name in values and value is not None})
+    return SamplerSpec(**values)
 
 
 def _sample_block_diffusion(loaded, rows: list[list[int]], spec: SamplerSpec, block_size: int, args, generator):
