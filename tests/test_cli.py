@@ -128,3 +128,18 @@ def test_block_diffusion_run_generates_past_its_context(tmp_path, capsys):
     code, out, _ = run_cli(["eval", "--checkpoint", str(run), "--loops", "2", "--batches", "1", "--batch-size", "2",
                             "--json"], capsys)
     assert code == 0 and json.loads(out)[0]["nats_per_token"] > 0
+
+
+def test_train_codd_then_sample_with_coupling(trained_run, tmp_path, capsys):
+    _, run, _ = trained_run
+    layer = tmp_path / "codd"
+    assert main(["train-codd", "--checkpoint", str(run), "--out", str(layer), "--states", "4", "--window", "8",
+                 "--steps", "2", "--batch-size", "4", "--pool-batches", "1", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    for extra in ([], ["--codd-any-order"]):
+        code, out, _ = run_cli(["sample", "--checkpoint", str(run), "--prompt", "line 2", "--num-samples", "2",
+                                "--steps", "4", "--loops", "2", "--codd", str(layer), "--codd-gamma", "1.5",
+                                "--json", *extra], capsys)
+        assert code == 0
+        assert all(s.startswith("line 2") for s in json.loads(out)["samples"])
+    expect_user_error(["sample", "--checkpoint", str(run), "--codd", str(tmp_path / "nope")], capsys, "nope")

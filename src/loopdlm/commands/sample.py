@@ -9,6 +9,7 @@ import torch
 
 from loopdlm.errors import UserError
 from loopdlm.sampling import SELECTORS, SamplerSpec, prompt_canvas, sample
+from loopdlm.sampling.coupling import AnyOrderCoDDSelector, CoDDTransform, load_codd_layer
 from loopdlm.sampling.long_generation import sample_blocks
 from loopdlm.workflow import load_pretrained, resolve_device
 
@@ -43,7 +44,20 @@ def sampler_spec_from_args(args, config) -> SamplerSpec:
     return SamplerSpec(**values)
 
 
-def _sample_block_diffusion(loaded, rows: list[list[int]], spec: SamplerSpec, block_size: int, args, generator):
+def _coupling(args, loaded, spec: SamplerSpec, device):
+    """(transforms, selector wrapper) for --codd: the HMM prior coupling tokens committed in the same step."""
+    if args.codd is None:
+        return (), None
+    prior, layer = load_codd_layer(args.codd, loaded.model.config.vocab_size, loaded.tokenizer.fingerprint(), device)
+    options = dict(temperature=args.codd_tau, gamma=args.codd_gamma, window=layer["window"], seed=args.seed)
+    if args.codd_any_order:
+        return (), lambda inner: AnyOrderCoDDSelector(inner, prior, sampling_temperature=spec.temperature,
+                                                      top_p=spec.top_p, **options)
+    return (CoDDTransform(prior, **options),), None
+
+
+def _sample_block_diffusion(loaded, rows: list[list[int]], spec: SamplerSpec, block_size: int, args, generator,
+                            transforms):
     """Block-by-block generation with the KV cache, past the training context if asked, stopping rows at EOS."""
     if args.trace:
         raise UserError("--trace is not available for block-diffusion generation")
@@ -52,7 +66,7 @@ def _sample_block_diffusion(loaded, rows: list[list[int]], spec: SamplerSpec, bl
     if any(len(row) >= config.data.seq_len for row in rows):
         raise UserError(f"prompt leaves no room within the context of {config.data.seq_len} tokens")
     return sample_blocks(loaded.model, rows, loaded.tokenizer.mask_id, loaded.tokenizer.eos_id, spec, length,
-                         block_size, context_window=config.data.seq_len, generator=generator)
+                         block_size, context_window=config.data.seq_len, generator=generator, transforms=transforms)
 
 
 def register(subparsers) -> None:
@@ -66,6 +80,12 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--trace", default=None, help="write the step-by-step trace as JSON to this file")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--codd", default=None, help="CoDD layer folder (from `loopdlm train-codd`) to couple "
+                        "tokens committed together")
+    parser.add_argument("--codd-tau", type=float, default=0.1, help="CoDD: temperature on the denoiser's q")
+    parser.add_argument("--codd-gamma", type=float, default=0.5, help="CoDD: couple only below this mask ratio")
+    parser.add_argument("--codd-any-order", action="store_true",
+                        help="CoDD: commit a step's tokens one at a time from the exact HMM conditional")
     add_sampler_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -81,9 +101,12 @@ def run(args) -> None:
     prompts = [tok.encode(p) for p in (args.prompt or [""])]
     rows = [ids for ids in prompts for _ in range(count)]
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    transforms, wrap_selector = _coupling(args, loaded, spec, device)
     block_size = config.diffusion.block_size
     if block_size is not None and block_size < config.data.seq_len:
-        result = _sample_block_diffusion(loaded, rows, spec, block_size, args, generator)
+        if wrap_selector is not None:
+            raise UserError("--codd-any-order is not available for block-diffusion generation; drop it")
+        result = _sample_block_diffusion(loaded, rows, spec, block_size, args, generator, transforms)
         texts = [tok.decode(prompt + generated) for prompt, generated in zip(rows, result.sequences)]
     else:
         length = args.length or config.data.seq_len
@@ -91,7 +114,8 @@ def run(args) -> None:
             raise UserError(f"--length {length} exceeds the training context of {config.data.seq_len} tokens "
                             "(only block-diffusion models generate past it)")
         canvas = prompt_canvas(rows, length, tok.mask_id, tok.pad_id).to(device)
-        result = sample(loaded.model, canvas, tok.mask_id, spec, generator, record_trace=args.trace is not None)
+        result = sample(loaded.model, canvas, tok.mask_id, spec, generator, record_trace=args.trace is not None,
+                        transforms=transforms, wrap_selector=wrap_selector)
         texts = [tok.decode(row.tolist()) for row in result.tokens]
         if args.trace:
             with open(args.trace, "w", encoding="utf-8") as handle:

@@ -93,11 +93,17 @@ def build_loop_policy(spec: SamplerSpec, model: LoopedTransformer):
 
 
 def sample(model: LoopedTransformer, tokens: Tensor, mask_id: int, spec: SamplerSpec,
-           generator: torch.Generator | None = None, record_trace: bool = False, transforms=()) -> SampleResult:
-    """Fill the masked slots of `tokens` (int64 [B, L]) with the sampler `spec` (see `engine.generate`)."""
+           generator: torch.Generator | None = None, record_trace: bool = False, transforms=(),
+           wrap_selector: Callable[[Selector], Selector] | None = None) -> SampleResult:
+    """Fill the masked slots of `tokens` (int64 [B, L]) with the sampler `spec` (see `engine.generate`).
+
+    transforms: logit transforms (e.g. CoDD coupling); wrap_selector: decorates the selector (e.g. any-order CoDD).
+    """
     editable_columns = (tokens == mask_id).any(dim=0).nonzero()
     region = tokens.shape[1] - int(editable_columns[0]) if len(editable_columns) else 0
     selector = build_selector(spec, max(region, 1))
+    if wrap_selector is not None:
+        selector = wrap_selector(selector)
     # WINO's verify step reads a shadow block that only WinoDenoiser computes.
     denoiser_class = WinoDenoiser if spec.sampler == "wino" else ModelDenoiser
     denoiser = denoiser_class(model, mask_id, build_loop_policy(spec, model))

@@ -72,10 +72,12 @@ class StepContext:
 
 @dataclass
 class Decision:
-    """commit bool [B, W]: slots set to their candidate; remask bool [B, W] | None: committed slots revoked."""
+    """commit bool [B, W]: slots to commit; remask bool [B, W] | None: committed slots revoked; tokens int64
+    [B, W] | None: what committed slots receive when the selector drew its own tokens (default: ctx.candidates)."""
 
     commit: Tensor
     remask: Tensor | None = None
+    tokens: Tensor | None = None
 
 
 class Selector(Protocol):
@@ -234,7 +236,8 @@ def generate(
                               window_masked_at_start=masked_at_start, generator=generator, extras=cached.extras)
             decision = selector.select(ctx)
             commit = decision.commit & selectable
-            updated = torch.where(commit, candidates, window_tokens)
+            chosen = decision.tokens if decision.tokens is not None else candidates
+            updated = torch.where(commit, chosen, window_tokens)
             if decision.remask is not None:
                 remask = decision.remask & win_editable & ~selectable
                 updated = torch.where(remask, torch.full_like(updated, mask_id), updated)

@@ -1,0 +1,36 @@
+"""`loopdlm train-codd`: fit a CoDD HMM prior to a trained checkpoint and save it as a layer of its own."""
+
+from __future__ import annotations
+
+from loopdlm.train.codd_training import CoDDTrainConfig, train_codd_from_checkpoint
+
+
+def register(subparsers) -> None:
+    """Add the `train-codd` subcommand; its handler is `run`."""
+    defaults = CoDDTrainConfig()
+    parser = subparsers.add_parser("train-codd", help="train a CoDD coupling prior (HMM) for a checkpoint")
+    parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder (frozen denoiser)")
+    parser.add_argument("--out", required=True, help="folder to write the prior into (use it with sample --codd)")
+    parser.add_argument("--states", type=int, default=defaults.n_states, help="HMM hidden states N")
+    parser.add_argument("--window", type=int, default=defaults.window,
+                        help="W: positions per HMM window; use the sampler's block length")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="Adam steps")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate on the HMM logits")
+    parser.add_argument("--batch-size", type=int, default=32, help="training sequences per step")
+    parser.add_argument("--loops", type=int, default=0, help="core applications S of the denoiser (0 = S_max)")
+    parser.add_argument("--topk", type=int, default=defaults.topk,
+                        help="cache the denoiser's top-k log-probs of a pool of noisy batches (0 = recompute "
+                             "every step)")
+    parser.add_argument("--pool-batches", type=int, default=defaults.pool_batches,
+                        help="noisy batches in the top-k cache (with --topk)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default="auto")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> None:
+    """Handler: train and save the prior described by the parsed arguments."""
+    config = CoDDTrainConfig(n_states=args.states, window=args.window, steps=args.steps, lr=args.lr, topk=args.topk,
+                             pool_batches=args.pool_batches, seed=args.seed)
+    train_codd_from_checkpoint(args.checkpoint, args.out, config, batch_size=args.batch_size, loops=args.loops,
+                               device=args.device)

@@ -1,0 +1,350 @@
+"""Training CoDD's HMM prior on a frozen denoiser (ALGORITHMS.md section 6).
+
+Objective: maximise E_t[w(t) log p^(x_0 | x_t)] over the HMM's parameters only, where p^ is the product of experts
+HMM(x) * prod_i q_i(x_i) / Z over a window of W positions and q is the frozen denoiser's p_theta(x_0 | x_t). Each
+sequence gets one t, stratified over the batch, its tokens are masked with probability 1 - alpha(t) and the window
+term is weighted by w(t) (1/t for the log-linear schedule), exactly as in the MDLM NELBO; the reported loss is
+-sum_windows w(t) log p^(x_0 | x_t) divided by the number of noisable positions, i.e. nats per token on the NELBO's
+scale. A one-state, uniform-emission HMM reproduces the factorised NELBO exactly, and `factorised_nelbo` on the same
+batch is printed beside it as the baseline the prior has to beat.
+
+Context and windows: the denoiser always runs on the whole noisy sequence x_t, as at sampling time where a block
+is decoded with the full sequence as context. Its log-probs over the generation region (from the first column any
+row may noise to the end, e.g. the answer of a task row) are then cut into consecutive windows of W positions
+starting at the region's first column, the same layout as the sampler's blocks, and each window is scored by the
+HMM on its own (the last window may be shorter). The denoiser may be plain or looped (any S), or any callable
+tokens -> log-probs.
+
+Denoiser outputs: with topk = 0 they are recomputed every step (one frozen forward pass per step, no backward).
+With topk = k > 0 a pool of noisy batches is denoised once and only each position's top-k log-probs are kept
+(k * 8 bytes per position), which makes every training step a pure HMM computation. The mass outside the top-k,
+1 - sum(top-k), is spread evenly over the other non-mask tokens rather than dropped: dropping it would give a
+target outside the top-k probability 0 and make its log p^ = -inf.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from loopdlm.config import RunConfig
+from loopdlm.data.corpus import TokenDataset
+from loopdlm.data.task_source import TaskBatchSource, encode_task, task_examples, task_from_source
+from loopdlm.data.tokenizers import Tokenizer
+from loopdlm.diffusion.masked import MaskedDiffusion, apply_mask, subs_log_probs
+from loopdlm.errors import UserError
+from loopdlm.models.transformer import LoopedTransformer
+from loopdlm.sampling.codd import HMMPrior
+from loopdlm.sampling.coupling import save_codd_layer, window_chunks
+from loopdlm.workflow import CorpusBatchSource, build_objective, load_pretrained, prepare_data, resolve_device
+
+#: tokens int64 [B, L] (x_t) -> SUBS log-probs float [B, L, V] of the frozen denoiser.
+DenoiserFn = Callable[[Tensor], Tensor]
+
+#: Most task examples generated for a task checkpoint's prior (generation is not free, e.g. for sudoku).
+MAX_TASK_EXAMPLES = 20_000
+
+
+class SequenceSource(Protocol):
+    """A stream of clean training rows (the trainer's BatchSource satisfies it)."""
+
+    def next_batch(self) -> tuple[Tensor, Tensor | None]:
+        """(x0 int64 [B, L], noisable bool [B, L] or None = every position)."""
+
+
+def frozen_model_denoiser(model: LoopedTransformer, mask_id: int, loops: int = 1) -> DenoiserFn:
+    """The model as a frozen denoiser: tokens [B, L] -> SUBS log-probs float32 [B, L, V], S = `loops`, no grad."""
+    if loops < 1:
+        raise UserError(f"loops must be >= 1, got {loops}")
+    model.eval()
+
+    @torch.no_grad()
+    def denoise(tokens: Tensor) -> Tensor:
+        return subs_log_probs(model(tokens, loops=loops).logits, mask_id)
+
+    return denoise
+
+
+@dataclass
+class NoisyBatch:
+    """One batch restricted to the generation region of R columns.
+
+    x0 int64 [B, R]; log_q float [B, R, V] the denoiser's log-probs given the whole x_t; observed bool [B, R]
+    (unmasked in x_t); weight float [B] = w(t); row_tokens int64 [B]: noisable positions per row in the region
+    (their sum is the loss denominator).
+    """
+
+    x0: Tensor
+    log_q: Tensor
+    observed: Tensor
+    weight: Tensor
+    row_tokens: Tensor
+
+
+def region_start(noisable: Tensor | None) -> int:
+    """First column any row may noise (0 when noisable is None): where the windows start. noisable: bool [B, L]."""
+    if noisable is None:
+        return 0
+    columns = noisable.any(dim=0).nonzero()
+    if len(columns) == 0:
+        raise UserError("the training rows have no noisable position")
+    return int(columns[0])
+
+
+def draw_noisy_batch(denoiser: DenoiserFn, x0: Tensor, noisable: Tensor | None, diffusion: MaskedDiffusion,
+                     generator: torch.Generator | None) -> NoisyBatch:
+    """Noise x0 [B, L] (one stratified t per row), run the denoiser on the whole x_t and keep the region."""
+    t = diffusion.sample_times(x0.shape[0], generator, x0.device)
+    xt, masked = apply_mask(x0, diffusion.schedule.mask_probability(t)[:, None], noisable, diffusion.mask_id,
+                            generator)
+    start = region_start(noisable)
+    row_tokens = (noisable[:, start:].sum(dim=1) if noisable is not None
+                  else torch.full((x0.shape[0],), x0.shape[1] - start, device=x0.device))
+    return NoisyBatch(x0=x0[:, start:], log_q=denoiser(xt)[:, start:].float(), observed=~masked[:, start:],
+                      weight=diffusion.schedule.weight(t).float(), row_tokens=row_tokens)
+
+
+def coupled_nelbo(prior: HMMPrior, batch: NoisyBatch, window: int, chunk_size: int | None = None) -> Tensor:
+    """-sum over rows and windows of w(t) log p^(x0_window | x_t) / sum(row_tokens): scalar, differentiable in the
+    prior's parameters (nats per token)."""
+    total = batch.log_q.new_zeros(())
+    for part in window_chunks(batch.x0.shape[1], window):
+        log_p = prior.log_prob(batch.x0[:, part], batch.log_q[:, part], batch.observed[:, part], chunk_size=chunk_size)
+        total = total - (batch.weight.to(log_p.dtype) * log_p).sum()
+    return total / batch.row_tokens.sum().clamp(min=1)
+
+
+def factorised_nelbo(batch: NoisyBatch) -> Tensor:
+    """The denoiser's own weighted NLL on the same batch and scale (MDLM's NELBO): scalar, nats per token."""
+    nll = -batch.log_q.gather(-1, batch.x0.unsqueeze(-1)).squeeze(-1)
+    weighted = torch.where(batch.observed, torch.zeros_like(nll), nll) * batch.weight[:, None]
+    return weighted.sum() / batch.row_tokens.sum().clamp(min=1)
+
+
+class TopKPool:
+    """Noisy batches whose denoiser outputs are cached as top-k log-probs (see the module docstring).
+
+    Stores x0 [P, R], observed [P, R], weight [P], row_tokens [P], values float32 [P, R, k] and indices int32
+    [P, R, k], and returns dense batches on request. vocab_size counts every id; mask_id never receives mass.
+    """
+
+    def __init__(self, batches: list[NoisyBatch], topk: int, vocab_size: int, mask_id: int):
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        widths = {batch.x0.shape[1] for batch in batches}
+        if len(widths) != 1:
+            raise UserError(f"cached batches have different generation regions {sorted(widths)}; use topk=0")
+        self.k = min(topk, vocab_size - 1)  # the mask id has probability 0 and is never worth a slot
+        self.vocab_size, self.mask_id = vocab_size, mask_id
+        tops = [batch.log_q.topk(self.k, dim=-1) for batch in batches]
+        self.values = torch.cat([top.values.float() for top in tops])
+        self.indices = torch.cat([top.indices.to(torch.int32) for top in tops])
+        self.x0 = torch.cat([batch.x0 for batch in batches])
+        self.observed = torch.cat([batch.observed for batch in batches])
+        self.weight = torch.cat([batch.weight for batch in batches])
+        self.row_tokens = torch.cat([batch.row_tokens for batch in batches])
+
+    def __len__(self) -> int:
+        return len(self.x0)
+
+    def batch(self, rows: Tensor) -> NoisyBatch:
+        """Dense NoisyBatch of the pool entries `rows` (int64 [B])."""
+        values, indices = self.values[rows], self.indices[rows].long()
+        log_q = densify_topk(values, indices, self.vocab_size, self.mask_id)
+        return NoisyBatch(x0=self.x0[rows], log_q=log_q, observed=self.observed[rows], weight=self.weight[rows],
+                          row_tokens=self.row_tokens[rows])
+
+
+def densify_topk(values: Tensor, indices: Tensor, vocab_size: int, mask_id: int) -> Tensor:
+    """Full log-probs from top-k ones: values float [..., k], indices int64 [..., k] -> [..., V]. The leftover mass
+    1 - sum(exp(values)) is spread evenly over the V - 1 - k other non-mask ids (floored at the dtype's smallest
+    normal number, so no target is ever -inf); the mask id gets -inf."""
+    others = vocab_size - 1 - values.shape[-1]
+    if others > 0:
+        kept = torch.logsumexp(values, dim=-1, keepdim=True)
+        leftover = (-torch.expm1(kept)).clamp_min(torch.finfo(values.dtype).tiny)
+        fill = torch.log(leftover) - math.log(others)
+    else:
+        fill = torch.full_like(values[..., :1], -math.inf)
+    dense = fill.expand(*values.shape[:-1], vocab_size).clone()
+    dense[..., mask_id] = -math.inf
+    return dense.scatter_(-1, indices, values)
+
+
+@dataclass
+class CoDDTrainConfig:
+    """HMM size and optimisation. window: W (the decoding block the prior will be used with); topk: 0 recomputes
+    the denoiser every step, k > 0 caches top-k log-probs of `pool_batches` noisy batches once and trains on
+    random batches of the pool; chunk_size: vocabulary chunk of the soft evidence (None = all of V)."""
+
+    n_states: int = 64
+    window: int = 32
+    steps: int = 500
+    lr: float = 0.05
+    topk: int = 0
+    pool_batches: int = 32
+    chunk_size: int | None = None
+    init_std: float = 0.5
+    log_every: int = 50
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise UserError for values no run can use."""
+        for name in ("n_states", "window", "steps", "pool_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"CoDD training: {name} must be >= 1, got {getattr(self, name)}")
+        if self.topk < 0:
+            raise UserError(f"CoDD training: topk must be >= 0 (0 = recompute), got {self.topk}")
+        if not self.lr > 0:
+            raise UserError(f"CoDD training: lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class CoDDTrainResult:
+    """The trained prior (on the training device), per-step (step, coupled, factorised) losses in nats/token,
+    training wall time in seconds (pool building included) and the number of denoiser forward passes."""
+
+    prior: HMMPrior
+    history: list[tuple[int, float, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    denoiser_passes: int = 0
+
+
+def initial_prior(n_states: int, vocab_size: int, init_std: float, seed: int) -> HMMPrior:
+    """A fresh HMMPrior on the CPU whose logits are N(0, init_std^2) drawn from `seed` (the global RNG is untouched)."""
+    prior = HMMPrior(n_states, vocab_size, init_std)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in prior.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * init_std)
+    return prior
+
+
+def train_codd_prior(denoiser: DenoiserFn, source: SequenceSource, diffusion: MaskedDiffusion, vocab_size: int,
+                     config: CoDDTrainConfig, device: torch.device | str = "cpu",
+                     on_log: Callable[[int, float, float], None] | None = None) -> CoDDTrainResult:
+    """Fit a fresh HMMPrior(config.n_states, vocab_size) to the frozen `denoiser` with Adam.
+
+    Args:
+        denoiser: tokens [B, L] -> log-probs [B, L, V] (e.g. `frozen_model_denoiser`); never differentiated.
+        source: clean rows; `next_batch()` is called once per step (topk = 0) or pool_batches times (topk > 0).
+        diffusion: noise schedule, times and mask id (one stratified t per row).
+        vocab_size: V, every id of the model's vocabulary (mask included).
+        on_log: called as on_log(step, coupled, factorised) every config.log_every steps and at the last one.
+    Returns:
+        CoDDTrainResult.
+    """
+    config.validate()
+    start_time = time.perf_counter()
+    prior = initial_prior(config.n_states, vocab_size, config.init_std, config.seed).to(device)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    optimizer = torch.optim.Adam(prior.parameters(), lr=config.lr)
+    result = CoDDTrainResult(prior=prior)
+
+    def next_noisy() -> NoisyBatch:
+        x0, noisable = source.next_batch()
+        result.denoiser_passes += 1
+        return draw_noisy_batch(denoiser, x0.to(device), None if noisable is None else noisable.to(device),
+                                diffusion, generator)
+
+    pool = None
+    if config.topk > 0:
+        first = next_noisy()
+        pool = TopKPool([first] + [next_noisy() for _ in range(config.pool_batches - 1)], config.topk,
+                        vocab_size, diffusion.mask_id)
+        batch_size = len(first.x0)
+    for step in range(1, config.steps + 1):
+        if pool is None:
+            batch = next_noisy()
+        else:
+            batch = pool.batch(torch.randint(len(pool), (batch_size,), generator=generator, device=device))
+        loss = coupled_nelbo(prior, batch, config.window, config.chunk_size)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        result.history.append((step, float(loss.detach()), float(factorised_nelbo(batch))))
+        if on_log is not None and (step % config.log_every == 0 or step == config.steps):
+            on_log(*result.history[-1])
+    result.seconds = time.perf_counter() - start_time
+    return result
+
+
+@torch.no_grad()
+def evaluate_codd(prior: HMMPrior, denoiser: DenoiserFn, source: SequenceSource, diffusion: MaskedDiffusion,
+                  window: int, batches: int = 8, seed: int = 0, chunk_size: int | None = None,
+                  device: torch.device | str = "cpu") -> dict[str, float]:
+    """Mean coupled and factorised objectives (nats/token) over `batches` batches of `source` with noise drawn
+    from `seed`, so two priors evaluated on equal sources and seeds see identical noisy batches.
+    Returns {"coupled": float, "factorised": float}."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    coupled = factorised = 0.0
+    for _ in range(batches):
+        x0, noisable = source.next_batch()
+        batch = draw_noisy_batch(denoiser, x0.to(device), None if noisable is None else noisable.to(device),
+                                 diffusion, generator)
+        coupled += float(coupled_nelbo(prior, batch, window, chunk_size))
+        factorised += float(factorised_nelbo(batch))
+    return {"coupled": coupled / batches, "factorised": factorised / batches}
+
+
+def checkpoint_training_source(run: RunConfig, tokenizer: Tokenizer, batch_size: int, config: CoDDTrainConfig
+                               ) -> SequenceSource:
+    """Clean training rows for a checkpoint's prior: its task's train split for a task checkpoint (data.source
+    'task:SPEC', answer region noisable; as many examples as the run consumes, at most 20000), else its corpus'
+    train split (prepared on first use, as `loopdlm train` does). UserError when the data's tokenizer differs from
+    the checkpoint's."""
+    task = task_from_source(run.data.source)
+    if task is not None:
+        wanted = batch_size * (config.pool_batches if config.topk else config.steps)
+        examples = task_examples(task, min(max(wanted, batch_size), MAX_TASK_EXAMPLES), config.seed, "train")
+        return TaskBatchSource(encode_task(task, examples, tokenizer), batch_size, config.seed)
+    corpus = prepare_data(run.data)
+    if corpus.tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise UserError(f"the corpus of {run.data.source!r} is tokenised differently from the checkpoint")
+    return CorpusBatchSource(TokenDataset(corpus.directory, "train", run.data.seq_len), batch_size, config.seed)
+
+
+def train_codd_from_checkpoint(checkpoint: str | Path, out: str | Path, config: CoDDTrainConfig, batch_size: int,
+                               loops: int = 0, device: str = "auto", log: Callable[[str], None] = print
+                               ) -> CoDDTrainResult:
+    """Train a prior for a checkpoint on its own training data and save it into `out` (see save_codd_layer).
+
+    The checkpoint's config names the data (corpus or task, see checkpoint_training_source) and the model;
+    loops: S for the frozen denoiser (0 = the model's training S_max). Raises UserError for an unusable
+    checkpoint, data tokenised differently from the checkpoint, a block-diffusion checkpoint, or bad settings.
+    """
+    config.validate()
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    target = resolve_device(device)
+    loaded = load_pretrained(checkpoint, target)
+    run, tokenizer, model = loaded.config, loaded.tokenizer, loaded.model
+    objective = build_objective(run, tokenizer.mask_id)
+    if not isinstance(objective, MaskedDiffusion):
+        raise UserError("train-codd supports MDLM checkpoints only (block diffusion is not supported yet)")
+    source = checkpoint_training_source(run, tokenizer, batch_size, config)
+    depth = loops or model.config.max_loops
+    denoiser = frozen_model_denoiser(model, tokenizer.mask_id, depth)
+    log(f"training a {config.n_states}-state CoDD prior (W={config.window}) on {loaded.path} with S={depth}, "
+        f"{config.steps} steps, batch {batch_size}, " + (f"top-{config.topk} cache" if config.topk else "recomputed q"))
+    result = train_codd_prior(denoiser, source, objective, tokenizer.vocab_size, config, target,
+                              on_log=lambda step, coupled, factorised: log(
+                                  f"step {step}: coupled {coupled:.4f} nats/token (factorised {factorised:.4f})"))
+    save_codd_layer(result.prior, out, config.window, tokenizer.fingerprint(),
+                    {"checkpoint": str(loaded.path), "loops": depth, "steps": config.steps, "topk": config.topk,
+                     "lr": config.lr, "batch_size": batch_size, "seconds": round(result.seconds, 3)})
+    log(f"saved CoDD prior to {out} ({sum(p.numel() for p in result.prior.parameters())} parameters, "
+        f"{result.seconds:.1f} s)")
+    return result
+
+
+__all__ = ["CoDDTrainConfig", "CoDDTrainResult", "NoisyBatch", "TopKPool", "checkpoint_training_source",
+           "coupled_nelbo", "densify_topk", "draw_noisy_batch", "evaluate_codd", "factorised_nelbo",
+           "frozen_model_denoiser", "initial_prior", "region_start", "train_codd_from_checkpoint", "train_codd_prior"]
