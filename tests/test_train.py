@@ -7,7 +7,7 @@ import torch
 
 from loopdlm.config import RunConfig
 from loopdlm.diffusion import MaskedDiffusion, NelboTerms, make_schedule, subs_log_probs
-from loopdlm.diffusion.masked import weighted_masked_nll
+from loopdlm.diffusion.masked import average_terms, weighted_masked_nll
 from loopdlm.errors import UserError
 from loopdlm.models import LoopedTransformer, ModelConfig
 from loopdlm.train import (
@@ -100,6 +100,9 @@ class RowKeyedNoise:
                                   self.schedule.weight(t)[:, None])
         tokens = (noisable.sum(dim=1) if noisable is not None else torch.full_like(nll, x0.shape[1])).float()
         return NelboTerms(nll_sum=nll.sum(), n_tokens=tokens.sum(), per_row=nll / tokens.clamp(min=1))
+
+    def bound(self, denoiser, x0, generator=None, noisable=None, samples=1) -> NelboTerms:
+        return average_terms([self.nelbo(denoiser, x0, generator, noisable) for _ in range(samples)])
 
 
 def prompt_masks(rows: int = 24, seed: int = 0) -> torch.Tensor:

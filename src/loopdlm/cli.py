@@ -13,11 +13,7 @@ import sys
 from loopdlm.errors import UserError
 
 #: Modules under loopdlm.commands, each exposing `register(subparsers)` which sets `func` on its parser.
-COMMANDS = ["prepare", "train", "evaluate", "sample"]
-COMMANDS.append("finetune")
-COMMANDS.append("eval_task")
-COMMANDS.append("analyze")
-COMMANDS.append("judge")
+COMMANDS = ["prepare", "train", "evaluate", "sample", "finetune", "eval_task", "analyze", "judge", "train_codd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

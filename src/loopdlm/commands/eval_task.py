@@ -1,0 +1,74 @@
+"""`loopdlm eval-task`: task accuracy of a checkpoint with any sampler, at one or several loop counts S."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from loopdlm.commands.sample import add_sampler_arguments, sampler_spec_from_args
+from loopdlm.data.task_source import SPLITS, task_examples, task_from_source
+from loopdlm.data.tasks import get_task
+from loopdlm.errors import UserError
+from loopdlm.eval.tasks import task_accuracy
+from loopdlm.workflow import load_pretrained, resolve_device
+
+
+def register(subparsers) -> None:
+    # 'resolve' lets this command's --loops (several values) replace the shared single-valued one.
+    parser = subparsers.add_parser("eval-task", help="task accuracy with any sampler and loop count",
+                                   conflict_handler="resolve")
+    parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    parser.add_argument("--task", default=None, help="task spec (default: the one the checkpoint was trained on)")
+    parser.add_argument("--n", type=int, default=200, help="number of distinct problems")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="problems from this hash split (default test; "
+                        "'all' for a file that is a test set by itself, e.g. gsm8k:path=test.jsonl)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="seeds both the problems and the sampler")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--show", type=int, default=0, help="print this many prompt/prediction pairs")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    add_sampler_arguments(parser)
+    parser.add_argument("--loops", type=int, nargs="+", default=None,
+                        help="core applications S, one evaluation each (default: training S_max)")
+    parser.add_argument("--temperature", type=float, default=None, help="default: the checkpoint config's "
+                        "(task presets decode greedily, 0)")
+    parser.add_argument("--top-p", type=float, default=None, help="default: the checkpoint config's")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> None:
+    loaded = load_pretrained(args.checkpoint, resolve_device(args.device))
+    task = get_task(args.task) if args.task else task_from_source(loaded.config.data.source)
+    if task is None:
+        raise UserError(f"checkpoint {loaded.path} was not trained on a task (data.source="
+                        f"{loaded.config.data.source!r}); pass --task")
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    if args.temperature is None:
+        args.temperature = loaded.config.sample.temperature
+    if args.top_p is None:
+        args.top_p = loaded.config.sample.top_p
+    loops = args.loops or [None]
+    if not loaded.model.config.core_layers:
+        loops = loops[:1]  # a model without a core ignores S
+    examples = task_examples(task, args.n, args.seed, args.split, unique=True)
+    reports = []
+    for s in loops:
+        spec = sampler_spec_from_args(argparse.Namespace(**{**vars(args), "loops": s}), loaded.config)
+        reports.append((spec, task_accuracy(loaded.model, loaded.tokenizer, task, examples, spec,
+                                            args.batch_size, args.seed)))
+    if args.json:
+        print(json.dumps([{**report.as_dict(), "loops": spec.loops or loaded.model.config.max_loops,
+                           "sampler": spec.sampler, "steps": spec.steps} for spec, report in reports]))
+        return
+    spec = reports[0][0]
+    print(f"# {loaded.path} | {task.name}, {args.n} {args.split} problems | sampler={spec.sampler} "
+          f"steps={spec.steps} temperature={spec.temperature} policy={spec.loop_policy}")
+    print(f"{'S':>4} {'accuracy':>9} {'+-':>6} {'NFE':>5} {'loops/row':>10} {'seconds':>8}")
+    for spec, r in reports:
+        s = spec.loops or loaded.model.config.max_loops
+        print(f"{s:>4} {r.accuracy:>9.3f} {r.stderr:>6.3f} {r.forward_passes:>5} {r.core_applications:>10.1f} "
+              f"{r.wall_time:>8.2f}")
+    for example, prediction in list(zip(examples, reports[-1][1].predictions))[:args.show]:
+        verdict = "ok" if task.verify(example.prompt, prediction) else "wrong"
+        print(f"{example.prompt} -> {prediction!r} ({verdict}; reference {example.answer!r})")

@@ -1,0 +1,101 @@
+"""`loopdlm train-judge` (an autoregressive judge on a corpus) and `loopdlm genppl` (generative perplexity of a
+checkpoint's samples under a judge, with sample entropy and distinct-n)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from loopdlm.commands.sample import add_sampler_arguments, sampler_spec_from_args
+from loopdlm.config import available_presets, load_config
+from loopdlm.data.corpus import TokenDataset
+from loopdlm.errors import UserError
+from loopdlm.eval.genppl import generative_perplexity, load_judge
+from loopdlm.sampling import prompt_canvas, sample
+from loopdlm.train.autoregressive import CausalTransformer, NextTokenObjective
+from loopdlm.train.distributed import barrier, setup_distributed
+from loopdlm.train.trainer import Trainer
+from loopdlm.workflow import CorpusBatchSource, load_pretrained, prepare_data, resolve_device
+
+
+def register(subparsers) -> None:
+    judge = subparsers.add_parser("train-judge", help="train an autoregressive judge (causal mask, next-token loss)")
+    judge.add_argument("--config", required=True, help=f"preset ({', '.join(available_presets())}) or YAML file")
+    judge.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=500")
+    judge.set_defaults(func=run_train_judge)
+
+    genppl = subparsers.add_parser("genppl", help="generative perplexity of samples under a judge, with entropy")
+    genppl.add_argument("--checkpoint", required=True, help="the diffusion model to sample from")
+    genppl.add_argument("--judge", required=True, help="a train-judge run/checkpoint folder, or hf:LOCAL_PATH")
+    genppl.add_argument("--num-samples", type=int, default=16)
+    genppl.add_argument("--length", type=int, default=None, help="tokens per sample (default: training length)")
+    genppl.add_argument("--batch-size", type=int, default=8)
+    genppl.add_argument("--seed", type=int, default=0)
+    genppl.add_argument("--device", default="auto")
+    genppl.add_argument("--show", type=int, default=0, help="print this many samples")
+    genppl.add_argument("--json", action="store_true")
+    add_sampler_arguments(genppl)
+    genppl.set_defaults(func=run_genppl)
+
+
+def run_train_judge(args) -> None:
+    config = load_config(args.config, args.overrides)
+    if config.model.core_layers:
+        raise UserError("a judge has no looped core: set model.core_start = model.core_end")
+    dist = setup_distributed(config.train.device)
+    corpus = prepare_data(config.data) if dist.is_main else None
+    barrier(dist)
+    corpus = corpus or prepare_data(config.data)
+    tokenizer = corpus.tokenizer
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = tokenizer.vocab_size
+    if config.model.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size={config.model.vocab_size} does not match the tokenizer's "
+                        f"{tokenizer.vocab_size} ids")
+    model = CausalTransformer(config.model)
+    seq_len, batch, seed = config.data.seq_len, config.train.batch_size, config.train.seed
+    sources = [CorpusBatchSource(TokenDataset(corpus.directory, split, seq_len), batch, seed + offset, dist.rank,
+                                 dist.world_size) for offset, split in enumerate(("train", "val"))]
+    trainer = Trainer(config, model, NextTokenObjective(), *sources, config.train.out_dir,
+                      tokenizer_saver=tokenizer.save, dist=dist)
+    result = trainer.fit()
+    if dist.is_main:
+        print(f"trained judge {result.step} steps -> {result.checkpoint}")
+        for values in result.eval_metrics.values():
+            print(f"  val NLL {values['nats_per_token']:.4f} nats/token (ppl {values['ppl_bound']:.2f})")
+
+
+def run_genppl(args) -> None:
+    device = resolve_device(args.device)
+    loaded = load_pretrained(args.checkpoint, device)
+    tok, config = loaded.tokenizer, loaded.config
+    spec = sampler_spec_from_args(args, config)
+    length = args.length or config.data.seq_len
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise UserError("--num-samples and --batch-size must be >= 1")
+    judge = load_judge(args.judge, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    rows: list[list[int]] = []
+    forward_passes, core = 0, 0.0
+    for start in range(0, args.num_samples, args.batch_size):
+        count = min(args.batch_size, args.num_samples - start)
+        canvas = prompt_canvas([[] for _ in range(count)], length, tok.mask_id, tok.pad_id).to(device)
+        result = sample(loaded.model, canvas, tok.mask_id, spec, generator)
+        rows += result.tokens.tolist()
+        forward_passes += result.stats.forward_passes
+        core += float(result.stats.core_applications.sum())
+    texts = [tok.decode(r) for r in rows]
+    report = generative_perplexity(judge, texts, rows)
+    loops = spec.loops or loaded.model.config.max_loops
+    settings = {"sampler": spec.sampler, "steps": spec.steps, "loops": loops, "top_p": spec.top_p,
+                "temperature": spec.temperature, "precision": "float64 Gumbel", "length": length}
+    if args.json:
+        print(json.dumps({**report.as_dict(), **settings, "forward_passes": forward_passes,
+                          "core_applications_per_sample": core / len(rows)}))
+        return
+    print(f"# {loaded.path} | " + " ".join(f"{k}={v}" for k, v in settings.items()))
+    print(f"gen-PPL {report.gen_ppl:.3f} (judge {report.judge}, {report.judge_tokens} tokens) | entropy "
+          f"{report.entropy:.3f} nats | distinct-1..4 " + " ".join(f"{v:.3f}" for v in report.distinct.values()))
+    for text in texts[:args.show]:
+        print(f"--- {text}")

@@ -1,0 +1,148 @@
+"""Task examples as training/evaluation data: disjoint splits, a char tokenizer, and a batch source that noises
+only the answer region.
+
+Splits are decided by a hash of the prompt (bucket 0 of 10 = test, 1 = val, 2-9 = train), so a test problem can
+never appear in training, whatever seeds or example counts the two sides use, and nothing has to be recorded
+beside a checkpoint to keep them apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any
+
+from torch import Tensor
+
+from loopdlm.data.corpus import SequenceSampler
+from loopdlm.data.tasks import Example, GSM8KTask, Task, TaskBatch, TokenizerLike, encode_examples, get_task
+from loopdlm.data.tokenizers import CharTokenizer
+from loopdlm.errors import UserError
+
+SPLITS = ("train", "val", "test", "all")
+_BUCKETS = 10
+_SPLIT_BUCKETS = {"test": range(0, 1), "val": range(1, 2), "train": range(2, _BUCKETS)}
+# A distinct-example search that finds nothing new in this many rounds has exhausted the split.
+_STALE_ROUNDS = 4
+#: Prefix of `data.source` naming the task a checkpoint was trained on, e.g. "task:sudoku4".
+TASK_SOURCE_PREFIX = "task:"
+
+
+def split_of(prompt: str) -> str:
+    """The split ('train', 'val' or 'test') a prompt belongs to; a fixed function of the prompt text."""
+    bucket = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "little") % _BUCKETS
+    return next(name for name, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
+
+
+def task_examples(task: Task, n: int, seed: int, split: str = "train", unique: bool = False) -> list[Example]:
+    """`n` examples of `task` whose prompts fall in `split`; deterministic in (seed, split).
+
+    Generated tasks are drawn in rounds from `task.generate` and filtered by `split_of`; file-backed GSM8K is
+    filtered from the whole file and shuffled. With `unique`, no prompt repeats (use it for evaluation sets).
+    'all' skips the filter (e.g. a GSM8K test file is a split by itself).
+
+    Raises:
+        UserError: unknown split, n < 1, or a split too small to give n (distinct) examples.
+    """
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if n < 1:
+        raise UserError(f"need at least one example, got n={n}")
+
+    def keep(example: Example) -> bool:
+        return split == "all" or split_of(example.prompt) == split
+
+    if isinstance(task, GSM8KTask):
+        pool = [e for e in task.generate(None, seed) if keep(e)]
+        if unique:
+            pool = list({e.prompt: e for e in pool}.values())
+        if len(pool) < n:
+            raise UserError(f"{task.path} has {len(pool)} examples in split {split!r}, fewer than {n}")
+        return random.Random(seed).sample(pool, n)
+
+    chosen: list[Example] = []
+    seen: set[str] = set()
+    stale = 0
+    chunk = max(n, 64)
+    for round_index in range(10_000):
+        fresh = 0
+        for example in task.generate(chunk, _round_seed(seed, split, round_index)):
+            if not keep(example) or (unique and example.prompt in seen):
+                continue
+            seen.add(example.prompt)
+            chosen.append(example)
+            fresh += 1
+            if len(chosen) == n:
+                return chosen
+        stale = stale + 1 if fresh == 0 else 0
+        if stale >= _STALE_ROUNDS:
+            break
+    raise UserError(f"task {task.name} gave only {len(chosen)} {'distinct ' if unique else ''}examples in split "
+                    f"{split!r}, fewer than {n}; ask for fewer")
+
+
+def _round_seed(seed: int, split: str, round_index: int) -> int:
+    digest = hashlib.sha256(f"task-examples/{seed}/{split}/{round_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def task_tokenizer(task: Task) -> CharTokenizer:
+    """A char tokenizer over the task's alphabet (ids 0-2 are mask, pad, eos)."""
+    return CharTokenizer(task.alphabet())
+
+
+def task_from_source(source: str) -> Task | None:
+    """The task named by a `data.source` of the form 'task:SPEC' (as `finetune` records it), else None."""
+    if not source.startswith(TASK_SOURCE_PREFIX):
+        return None
+    return get_task(source[len(TASK_SOURCE_PREFIX):])
+
+
+def encode_task(task: Task, examples: list[Example], tokenizer: TokenizerLike) -> TaskBatch:
+    """Rows `[left-padded prompt | answer + eos fill]` with the task's fixed widths (prompt_length, answer_length),
+    so every batch of one task has the same layout. tokens LongTensor [N, P + A] on CPU."""
+    return encode_examples(examples, tokenizer, task.prompt_length, task.answer_length)
+
+
+class TaskBatchSource:
+    """The trainer's `BatchSource` over fixed task rows: only the answer region is noisable, so the prompt is always
+    visible and the loss scores the answer (and its eos fill) alone.
+
+    Rows are visited epoch by epoch in a permutation drawn from (seed, epoch), sharded over ranks like the corpus
+    sampler; state_dict/load_state_dict make the stream resumable.
+    """
+
+    def __init__(self, rows: TaskBatch, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        """rows: encoded examples (see `encode_task`); batch_size: rows per `next_batch` on this rank."""
+        self.rows = rows
+        self.noisable = ~rows.prompt_mask
+        self.sampler = SequenceSampler(rows.tokens.shape[0], batch_size, seed, rank=rank, world_size=world_size)
+
+    @property
+    def seq_len(self) -> int:
+        """Row width P + A."""
+        return self.rows.tokens.shape[1]
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """(x0 int64 [B, P + A], noisable bool [B, P + A] = True exactly on the answer columns)."""
+        index = self.sampler.next_batch()
+        return self.rows.tokens[index], self.noisable[index]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position in the stream: {"epoch": int, "cursor": int}."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`."""
+        self.sampler.load_state_dict(state)
+
+
+def answer_canvas(rows: TaskBatch, mask_id: int) -> Tensor:
+    """The rows with every answer column set to `mask_id`: what a sampler starts from. int64 [N, P + A]."""
+    canvas = rows.tokens.clone()
+    canvas[:, rows.answer_slice] = mask_id
+    return canvas
+
+
+__all__ = ["SPLITS", "TASK_SOURCE_PREFIX", "TaskBatchSource", "answer_canvas", "encode_task", "split_of",
+           "task_examples", "task_from_source", "task_tokenizer"]
