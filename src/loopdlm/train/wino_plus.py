@@ -1,0 +1,412 @@
+"""WINO+: distil WINO's revokable decoding into a model that plain threshold decoding can run fast.
+
+1. Record: decode task prompts with WINO (tau1 0.5, tau2 0.8) and keep, per prompt, the first decode the task's
+   verifier accepts, retrying at rising temperature (0, 0.1, ..., 0.5). For every generated token, note the step at
+   which it was last accepted (its final acceptance; earlier acceptances were revoked).
+2. Rows: one training row per step k of a trajectory: tokens finally accepted before k are visible, the rest of
+   the answer is masked; targets are the tokens finally accepted at step k.
+3. Loss: cross-entropy on the targets, + w_min * entropy of targets the model already gets right but unsurely
+   (max prob < 0.9), - w_max * entropy of masked non-target slots of the current block where the model is confident
+   (max prob > 0.6) and wrong (argmax != the verified final token). All three are sums divided by the number of
+   targets, so the weights compare like-for-like per target token.
+   Optionally (`SupervisedAnchor`) the model's own task NELBO on clean training rows is added at every step, so the
+   fine-tune cannot trade task knowledge for confidence; optionally (`EarlyStopping`) a held-out score is checked
+   every few steps and the best weights (possibly the starting ones) are kept.
+4. Decode the fine-tuned model with plain threshold decoding (sampler 'threshold'; no shadow block), e.g. with
+   `loopdlm.eval.tasks.task_accuracy`.
+
+Rows use the task layout of `loopdlm.data.task_source.encode_task` (the one `loopdlm finetune` trains on).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from loopdlm.data.task_source import answer_canvas, encode_task
+from loopdlm.data.tasks import Example, Task, decode_answers
+from loopdlm.diffusion.masked import MaskedDiffusion, subs_log_probs
+from loopdlm.errors import UserError
+from loopdlm.models.transformer import LoopedTransformer
+from loopdlm.sampling import SamplerSpec, build_loop_policy, build_selector
+from loopdlm.sampling.denoisers import ModelDenoiser
+from loopdlm.sampling.engine import Denoiser, DenoiserOutputs, SampleResult, generate
+from loopdlm.sampling.parallel import predictive_entropy
+from loopdlm.sampling.wino import WinoDenoiser
+
+#: WINO+'s recording sampler: WINO with the paper's offline thresholds; one block over the whole answer.
+RECORDING_SPEC = SamplerSpec(sampler="wino", tau1=0.5, tau2=0.8, temperature=0.0)
+RETRY_TEMPERATURES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+@dataclass
+class Trajectory:
+    """One verified decode of one prompt.
+
+    tokens: int64 [L], the final sequence (prompt region and answer).
+    accept_step: int64 [L], the row's own step (0-based, counting only steps in which the row changed) at which each
+        generated token was last accepted; -1 on columns that were never generated (the prompt).
+    window_index: int64 [L], which decoding window each generated column belonged to; -1 on the prompt.
+    example_index: position of the prompt in the recorded example list; temperature: the decode that passed.
+    """
+
+    tokens: Tensor
+    accept_step: Tensor
+    window_index: Tensor
+    example_index: int
+    temperature: float
+
+    @property
+    def steps(self) -> int:
+        """Steps the decode took (its last final acceptance + 1)."""
+        return int(self.accept_step.max()) + 1
+
+
+@dataclass
+class WinoPlusRows:
+    """Training rows, N of them, each of length L.
+
+    inputs: int64 [N, L], x at step k (finally accepted before k visible, the rest of the answer masked).
+    clean: int64 [N, L], the verified final sequence.
+    targets: bool [N, L], tokens finally accepted at step k.
+    block: bool [N, L], the columns of the window decoded at step k.
+    """
+
+    inputs: Tensor
+    clean: Tensor
+    targets: Tensor
+    block: Tensor
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def subset(self, index: Tensor) -> WinoPlusRows:
+        """Rows at `index` (int64 [n]) as a new WinoPlusRows."""
+        return WinoPlusRows(self.inputs[index], self.clean[index], self.targets[index], self.block[index])
+
+    def to(self, device: torch.device | str) -> WinoPlusRows:
+        """The same rows on `device`."""
+        return WinoPlusRows(*(t.to(device) for t in (self.inputs, self.clean, self.targets, self.block)))
+
+
+# ------------------------------------------------------------------------------------------------- recording
+
+
+class StateRecorder:
+    """Denoiser wrapper that keeps a CPU copy of x_t, and the window, at every forward pass it serves.
+
+    Every step of a decode that changes x_t is followed by a forward pass (or ends the decode), so these states plus
+    the final tokens contain every distinct x_t of the decode in order.
+    """
+
+    def __init__(self, inner: Denoiser):
+        self.inner = inner
+        self.states: list[Tensor] = []
+        self.windows: list[slice] = []
+
+    def __call__(self, tokens: Tensor, window: slice, progress: float) -> DenoiserOutputs:
+        self.states.append(tokens.to("cpu", copy=True))
+        self.windows.append(window)
+        return self.inner(tokens, window, progress)
+
+    def begin_window(self, tokens: Tensor, window: slice) -> None:
+        self.inner.begin_window(tokens, window)
+
+    def end_window(self, tokens: Tensor, window: slice) -> None:
+        self.inner.end_window(tokens, window)
+
+
+@dataclass
+class RecordedDecode:
+    """A decode with its history. states: CPU int64 [B, L] tensors, x_t before each forward pass and finally the
+    decoded tokens; windows: the window each forward pass decoded (in order, repeated per pass)."""
+
+    result: SampleResult
+    states: list[Tensor]
+    windows: list[slice]
+
+    def accept_steps(self, mask_id: int) -> Tensor:
+        """`last_acceptance_steps` of this decode: int64 [B, L]."""
+        return last_acceptance_steps(self.states, mask_id)
+
+    def window_index(self, mask_id: int) -> Tensor:
+        """int64 [B, L]: the order of the window that generated each column; -1 on columns given in the input."""
+        index = torch.full((self.states[0].shape[1],), -1, dtype=torch.long)
+        for order, window in enumerate(dict.fromkeys((w.start, w.stop) for w in self.windows)):
+            index[window[0]:window[1]] = order
+        initial = self.states[0]
+        return torch.where(initial == mask_id, index.expand_as(initial), torch.full_like(initial, -1))
+
+
+def decode_recorded(model: LoopedTransformer, tokens: Tensor, mask_id: int, spec: SamplerSpec,
+                    generator: torch.Generator | None = None) -> RecordedDecode:
+    """`sample` (same denoiser and selector for `spec`) that also records the decode's states and windows.
+
+    tokens int64 [B, L] -> RecordedDecode.
+    """
+    editable_columns = (tokens == mask_id).any(dim=0).nonzero()
+    region = tokens.shape[1] - int(editable_columns[0]) if len(editable_columns) else 1
+    denoiser_class = WinoDenoiser if spec.sampler == "wino" else ModelDenoiser
+    recorder = StateRecorder(denoiser_class(model, mask_id, build_loop_policy(spec, model)))
+    result = generate(recorder, tokens, build_selector(spec, region), mask_id, block_length=spec.block_length,
+                      temperature=spec.temperature, top_p=spec.top_p, generator=generator)
+    return RecordedDecode(result, [*recorder.states, result.tokens.to("cpu", copy=True)], recorder.windows)
+
+
+def last_acceptance_steps(states: Sequence[Tensor], mask_id: int) -> Tensor:
+    """For every column, the step at which it was last turned from mask into a token, counted per row.
+
+    states: successive x_t of a decode, each int64 [B, L] (`RecordedDecode.states`); repeated states are allowed. A
+    row's step counter advances only between states that differ in that row, so a row's numbering does not depend
+    on how long other rows of its batch took (batched and row-by-row decodes give the same steps).
+    Returns int64 [B, L]; -1 where a column was never accepted.
+    """
+    states = torch.stack(list(states))  # [T + 1, B, L]
+    accepted = (states[:-1] == mask_id) & (states[1:] != mask_id)  # [T, B, L]
+    changed = (states[:-1] != states[1:]).any(dim=2)  # [T, B]
+    row_step = changed.long().cumsum(dim=0) - 1  # [T, B]: the row's own index of each changing step
+    candidate = torch.where(accepted, row_step[..., None], torch.full_like(accepted, -1, dtype=torch.long))
+    return candidate.max(dim=0).values
+
+
+def record_trajectories(model: LoopedTransformer, task: Task, tokenizer, examples: Sequence[Example],
+                        spec: SamplerSpec = RECORDING_SPEC, temperatures: Sequence[float] = RETRY_TEMPERATURES,
+                        batch_size: int = 64, seed: int = 0) -> list[Trajectory]:
+    """Decode every prompt with `spec`, retrying the ones the verifier rejects at each next temperature.
+
+    Prompts go in batches of `batch_size`; within a batch all are decoded at the first temperature, the rejected
+    ones together at the second, and so on; prompts no temperature solves are dropped. Rows decode independently, so
+    batching does not change any row's decode. Returns the accepted trajectories ordered by example index. Runs on
+    the model's device; the generator of attempt a of batch b is seeded with seed + b * len(temperatures) + a.
+
+    tokenizer: provides encode/decode, mask_id, pad_id and eos_id (the model's tokenizer).
+    """
+    if not temperatures:
+        raise UserError("need at least one temperature to record WINO+ trajectories")
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    rows = encode_task(task, list(examples), tokenizer)
+    canvas = answer_canvas(rows, tokenizer.mask_id).to(device)
+    accepted: list[Trajectory] = []
+    for batch_number, batch_start in enumerate(range(0, len(examples), batch_size)):
+        pending = list(range(batch_start, min(batch_start + batch_size, len(examples))))
+        for attempt, temperature in enumerate(temperatures):
+            if not pending:
+                break
+            # One distinct seed per (batch, attempt).
+            generator = torch.Generator(device=device).manual_seed(seed + batch_number * len(temperatures) + attempt)
+            recorded = decode_recorded(model, canvas[pending], tokenizer.mask_id,
+                                       dataclasses.replace(spec, temperature=temperature), generator)
+            steps, windows = recorded.accept_steps(tokenizer.mask_id), recorded.window_index(tokenizer.mask_id)
+            final = recorded.states[-1]
+            answers = decode_answers(final, tokenizer, rows.prompt_len)
+            still_pending = []
+            for row, (index, answer) in enumerate(zip(pending, answers)):
+                if task.verify(examples[index].prompt, answer):
+                    accepted.append(Trajectory(final[row], steps[row], windows[row], index, temperature))
+                else:
+                    still_pending.append(index)
+            pending = still_pending
+    return sorted(accepted, key=lambda trajectory: trajectory.example_index)
+
+
+def build_rows(trajectories: Sequence[Trajectory], mask_id: int) -> WinoPlusRows:
+    """One row per (trajectory, step with at least one final acceptance); see `WinoPlusRows`. All trajectories
+    must have the same length L."""
+    if not trajectories:
+        raise UserError("no WINO+ trajectories to build rows from (did the verifier reject every decode?)")
+    inputs, clean, targets, block = [], [], [], []
+    for trajectory in trajectories:
+        generated = trajectory.accept_step >= 0
+        for step in trajectory.accept_step[generated].unique().tolist():
+            target = trajectory.accept_step == step
+            hidden = generated & (trajectory.accept_step >= step)
+            current_window = trajectory.window_index[target][0]
+            inputs.append(trajectory.tokens.masked_fill(hidden, mask_id))
+            clean.append(trajectory.tokens)
+            targets.append(target)
+            block.append(trajectory.window_index == current_window)
+    return WinoPlusRows(torch.stack(inputs), torch.stack(clean), torch.stack(targets), torch.stack(block))
+
+
+# ------------------------------------------------------------------------------------------------------ loss
+
+
+@dataclass
+class WinoPlusLossWeights:
+    """w_min: weight of entropy minimisation on correct-but-unsure targets (max prob < unsure_below);
+    w_max: weight of entropy maximisation on wrong-yet-confident masked non-targets of the current block
+    (max prob > confident_above)."""
+
+    w_min: float = 0.1
+    w_max: float = 1.0
+    unsure_below: float = 0.9
+    confident_above: float = 0.6
+
+
+@dataclass
+class WinoPlusLoss:
+    """total: the scalar to minimise; ce, entropy_min, entropy_max: the three terms per target token (unweighted,
+    detached), and the number of slots each entropy term covered."""
+
+    total: Tensor
+    ce: float
+    entropy_min: float
+    entropy_max: float
+    unsure_targets: int
+    confident_errors: int
+
+
+def wino_plus_loss(log_probs: Tensor, rows: WinoPlusRows, mask_id: int,
+                   weights: WinoPlusLossWeights = WinoPlusLossWeights()) -> WinoPlusLoss:
+    """The three-term WINO+ objective (module docstring, step 3).
+
+    log_probs: float [N, L, V], the model's SUBS log-probs on rows.inputs. Returns WinoPlusLoss.
+    """
+    with torch.no_grad():
+        top_prob, top_token = log_probs.max(dim=-1)
+        top_prob = top_prob.exp()
+        correct = top_token == rows.clean
+        unsure_targets = rows.targets & correct & (top_prob < weights.unsure_below)
+        other_masked = rows.block & (rows.inputs == mask_id) & ~rows.targets
+        confident_errors = other_masked & ~correct & (top_prob > weights.confident_above)
+    n_targets = rows.targets.sum().clamp(min=1)
+    nll = -log_probs.gather(-1, rows.clean[..., None]).squeeze(-1)
+    entropy = predictive_entropy(log_probs)
+    zero = torch.zeros_like(entropy)
+    ce = torch.where(rows.targets, nll, zero).sum() / n_targets
+    entropy_min = torch.where(unsure_targets, entropy, zero).sum() / n_targets
+    entropy_max = torch.where(confident_errors, entropy, zero).sum() / n_targets
+    total = ce + weights.w_min * entropy_min - weights.w_max * entropy_max
+    return WinoPlusLoss(total=total, ce=float(ce.detach()), entropy_min=float(entropy_min.detach()),
+                        entropy_max=float(entropy_max.detach()),
+                        unsure_targets=int(unsure_targets.sum()), confident_errors=int(confident_errors.sum()))
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning
+
+
+@dataclass
+class SupervisedAnchor:
+    """The ordinary supervised task loss mixed into WINO+ fine-tuning: each step adds `weight` x the model's NELBO
+    (nats per answer token) on `batch_size` clean task rows, at the same loop count as the WINO+ batch.
+
+    tokens: int64 [M, L], clean task rows (e.g. `encode_task(...).tokens` of training prompts);
+    noisable: bool [M, L], the columns the diffusion may mask and scores (the answer: `~TaskBatch.prompt_mask`);
+    diffusion: the checkpoint's objective (e.g. `MaskedDiffusion(mask_id)` with its schedule).
+    """
+
+    tokens: Tensor
+    noisable: Tensor
+    diffusion: MaskedDiffusion
+    weight: float = 1.0
+    batch_size: int = 32
+
+
+@dataclass
+class EarlyStopping:
+    """Model selection on a held-out score during WINO+ fine-tuning.
+
+    score: model -> float, higher is better (e.g. threshold-decoding accuracy on held-out training-split prompts);
+    it is evaluated before the first step and after every `every` steps (and after the last), and the weights with
+    the best score (the earliest of ties, so the starting weights win a tie) are loaded back at the end.
+    patience: stop after this many evaluations in a row without improvement (0 = run every step).
+    After fine-tuning, `scores` holds (step, score) in order and `best_step` the step whose weights were kept.
+    """
+
+    score: Callable[[LoopedTransformer], float]
+    every: int
+    patience: int = 0
+    scores: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int = 0
+    _best_state: dict[str, Tensor] | None = field(default=None, repr=False)
+    _since_best: int = 0
+
+    def check(self, model: LoopedTransformer, step: int) -> bool:
+        """Score `model` (in eval mode, its mode restored after) at `step`, keeping a copy of its weights when they
+        are the best so far. Returns True when `patience` evaluations in a row brought no improvement."""
+        was_training = model.training
+        model.eval()
+        score = float(self.score(model))
+        model.train(was_training)
+        if self._best_state is None or score > max(s for _, s in self.scores):
+            self.best_step, self._best_state, self._since_best = step, copy.deepcopy(model.state_dict()), 0
+        else:
+            self._since_best += 1
+        self.scores.append((step, score))
+        return self.patience > 0 and self._since_best >= self.patience
+
+    def restore(self, model: LoopedTransformer) -> None:
+        """Load the best weights seen by `check` into `model`."""
+        if self._best_state is None:
+            raise UserError("early stopping has not scored any weights yet")
+        model.load_state_dict(self._best_state)
+
+
+def finetune_wino_plus(model: LoopedTransformer, rows: WinoPlusRows, mask_id: int, steps: int, lr: float = 1e-4,
+                       batch_size: int = 32, max_loops: int | None = None,
+                       weights: WinoPlusLossWeights = WinoPlusLossWeights(), weight_decay: float = 0.0,
+                       grad_clip: float = 1.0, seed: int = 0, anchor: SupervisedAnchor | None = None,
+                       early_stopping: EarlyStopping | None = None) -> list[dict[str, float]]:
+    """Fine-tune `model` in place on WINO+ rows with AdamW; returns one log dict per step taken.
+
+    Each step draws `batch_size` rows uniformly (with replacement across steps) and, for a looped model, one loop
+    count S ~ U{1, ..., max_loops} (default: the model's training S_max) for the whole batch, so the model stays
+    usable at every depth it was trained for. With `anchor`, the step's loss also carries the supervised NELBO on
+    anchor rows (logged as 'nelbo'); with `early_stopping`, training may stop early and the best-scoring weights
+    are restored (see `EarlyStopping`). Rows are moved to the model's device; the model is left in the train/eval
+    mode it came in.
+    """
+    if steps < 1 or batch_size < 1:
+        raise UserError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    if anchor is not None and (anchor.batch_size < 1 or anchor.tokens.shape != anchor.noisable.shape):
+        raise UserError("the supervised anchor needs batch_size >= 1 and noisable of the tokens' shape")
+    if early_stopping is not None and early_stopping.every < 1:
+        raise UserError(f"early stopping needs every >= 1, got {early_stopping.every}")
+    max_loops = max_loops or model.config.max_loops
+    device = next(model.parameters()).device
+    rows = rows.to(device)
+    rng = random.Random(seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    was_training = model.training
+    if early_stopping is not None:
+        early_stopping.check(model, 0)
+    noise = torch.Generator(device=device).manual_seed(seed)
+    model.train()
+    history = []
+    for step in range(1, steps + 1):
+        index = torch.randint(len(rows), (batch_size,), generator=generator).to(device)
+        batch = rows.subset(index)
+        loops = rng.randint(1, max_loops) if model.config.core_layers else 1
+        log_probs = subs_log_probs(model(batch.inputs, loops=loops).logits, mask_id)
+        loss = wino_plus_loss(log_probs, batch, mask_id, weights)
+        total = loss.total
+        record = {}
+        if anchor is not None:
+            pick = torch.randint(anchor.tokens.shape[0], (anchor.batch_size,), generator=generator)
+            nelbo = anchor.diffusion.nelbo(lambda tokens: model(tokens, loops=loops).logits,
+                                           anchor.tokens[pick].to(device), generator=noise,
+                                           noisable=anchor.noisable[pick].to(device)).loss
+            total = total + anchor.weight * nelbo
+            record["nelbo"] = float(nelbo.detach())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        history.append({"loss": float(total.detach()), "ce": loss.ce, "entropy_min": loss.entropy_min,
+                        "entropy_max": loss.entropy_max, "loops": loops, "grad_norm": float(grad_norm), **record})
+        if early_stopping is not None and (step % early_stopping.every == 0 or step == steps):
+            if early_stopping.check(model, step):
+                break
+    if early_stopping is not None:
+        early_stopping.restore(model)
+    model.train(was_training)
+    return history
