@@ -2,7 +2,8 @@
 fixed-schedule, threshold, factor, entropy-bounded and WINO samplers, then adaptive vs fixed loop depth.
 
     python bench/bench_decoding.py CHECKPOINT --task sudoku4 [--examples 256] [--block-length 0] [--device auto]
-                                   [--threads 1] [--batch-size 64] [--json FILE] [--plot FILE] [--no-write]
+                                   [--threads 1] [--batch-size 64] [--json FILE | --from-json FILE] [--plot FILE]
+                                   [--no-write]
 
 CHECKPOINT is a `loopdlm finetune` run (or step) folder for --task. Every configuration decodes the same held-out
 prompts (val split) greedily. Per configuration: exact-match accuracy (the task's verifier) with its binomial
@@ -14,7 +15,9 @@ Part 1 sweeps each sampler's speed knob at the model's S_max, so every sampler i
 named by --loop-samplers with adaptive loop exits (several eps) against fixed S = S_max and smaller fixed S. The
 targets of the issue are then checked against the fixed-schedule reference (low-confidence-first, one token per
 pass: NFE = answer length), with paired standard errors of accuracy differences (same prompts). Results go to the
-`bench-decoding` section of docs/benchmarks.md (unless --no-write) and the frontier plot to --plot.
+`bench-decoding` section of docs/benchmarks.md (unless --no-write) and the frontier plot to --plot. --json keeps
+every measurement (with per-prompt verdicts); --from-json renders tables, targets and plot from such a file
+without decoding again (the section then says so).
 """
 
 from __future__ import annotations
@@ -184,6 +187,13 @@ def target_lines(frontier: list[Measurement], loops: dict[str, list[Measurement]
                      f"reaches {reference.accuracy - TOLERANCE:.3f}; the most accurate, {best.label}, gets "
                      f"{best.accuracy:.3f} at {best.nfe:.2f} NFE ({reference.nfe / best.nfe:.2f}x fewer), paired "
                      f"difference {diff:+.3f} ± {diff_se:.3f}.")
+    others = [m for m in frontier if m.family not in ("WINO", "fixed schedule")
+              and m.accuracy >= reference.accuracy - TOLERANCE]
+    if others:
+        cheapest_other = min(others, key=lambda m: m.nfe)
+        lines.append(f"Cheapest other sampler within 1 point of the reference: {cheapest_other.label}, "
+                     f"{cheapest_other.accuracy:.3f} at {cheapest_other.nfe:.2f} NFE "
+                     f"({reference.nfe / cheapest_other.nfe:.2f}x fewer).")
     for sampler, runs in loops.items():
         fixed = runs[0]
         adaptive = [m for m in runs if m.loops.startswith("adaptive")]
@@ -193,9 +203,15 @@ def target_lines(frontier: list[Measurement], loops: dict[str, list[Measurement]
             saving = 1 - cheapest.core / fixed.core
             d, d_se = paired_difference(cheapest, fixed)
             verdict = "met" if saving >= 0.4 else "missed"
+            # Adaptive depth only earns its keep if a plain smaller S does not do as well.
+            plain = [m for m in runs if m.loops.startswith("fixed") and m is not fixed
+                     and m.core <= cheapest.core and m.accuracy >= fixed.accuracy - TOLERANCE]
+            caveat = (f" But fixed {plain[0].loops.removeprefix('fixed ')} does as well ({plain[0].accuracy:.3f} at "
+                      f"{plain[0].core:.1f}): the exit acts as a uniform depth cut here." if plain else "")
             lines.append(f"Adaptive loops >= 40% fewer core applications than {fixed.loops} within 1 point "
                          f"({sampler}): **{verdict}** — {cheapest.loops}: {saving:.0%} fewer "
-                         f"({cheapest.core:.1f} vs {fixed.core:.1f}), accuracy difference {d:+.3f} ± {d_se:.3f}.")
+                         f"({cheapest.core:.1f} vs {fixed.core:.1f}), accuracy difference {d:+.3f} ± {d_se:.3f}."
+                         + caveat)
         else:
             lines.append(f"Adaptive loops within 1 point of {fixed.loops} ({sampler}): **missed** — no eps keeps "
                          f"accuracy >= {fixed.accuracy - TOLERANCE:.3f}.")
@@ -219,6 +235,38 @@ def plot_frontier(frontier: list[Measurement], path: Path, title: str, extra: li
     return plot_lines(series, path, "forward passes per example (NFE)", "accuracy (exact, verified)", title)
 
 
+def measure_all(model: LoopedTransformer, tokenizer, task: Task, examples: list[Example], args
+                ) -> tuple[list[Measurement], dict[str, list[Measurement]], str]:
+    """Decode the frontier grid at S_max and the loop-depth grid for --loop-samplers, and describe the per-loop
+    hidden-state change. Returns (frontier, {sampler label: runs with fixed S_max first}, change description)."""
+    max_loops = model.config.max_loops
+    grid = sampler_grid(task.answer_length, args.block_length)
+    specs = {label: spec for _, label, spec in grid}
+    loop_labels = [label for label in args.loop_samplers.replace("{A}", str(task.answer_length)).split(",") if label]
+    unknown = [label for label in loop_labels if label not in specs]
+    if unknown:
+        raise SystemExit(f"--loop-samplers: {unknown} not in the grid ({', '.join(specs)})")
+    canvas = answer_canvas(encode_task(task, examples[:args.batch_size], tokenizer), tokenizer.mask_id)
+    changes = loop_changes(model, canvas.to(next(model.parameters()).device))
+    change_text = ", ".join(f"loop {k}: {median:.3f} ({low:.3f}-{high:.3f})"
+                            for k, (low, median, high) in enumerate(changes, start=1))
+    print("relative hidden-state change per loop, median (10th-90th percentile):", change_text)
+
+    def run(family: str, label: str, loops: str, spec: SamplerSpec) -> Measurement:
+        m = measure(model, tokenizer, task, examples, spec, family, label, loops, args.batch_size, args.seed)
+        print(" | ".join(m.row()), flush=True)
+        return m
+
+    frontier = [run(family, label, f"fixed S={max_loops}", replace(spec, loops=max_loops, loop_policy="fixed"))
+                for family, label, spec in grid]
+    by_label = {m.label: m for m in frontier}
+    loop_runs = {label: [by_label[label]] + [run(by_label[label].family, label, loop_label,
+                                                 replace(specs[label], **fields))
+                                             for loop_label, fields in loop_grid(max_loops)[1:]]
+                 for label in loop_labels}
+    return frontier, loop_runs, change_text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a `loopdlm finetune` run or step folder")
@@ -233,6 +281,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="", help="also write every measurement (with per-prompt verdicts) here")
+    parser.add_argument("--from-json", default="", help="render tables, targets and plot from the --json file of an "
+                        "earlier run with the same settings instead of decoding again")
     parser.add_argument("--plot", default=str(DEFAULT_PLOT), help="frontier PNG (needs matplotlib; '' to skip)")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
     args = parser.parse_args()
@@ -240,45 +290,32 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     loaded = load_pretrained(args.checkpoint, resolve_device(args.device))
-    model, tokenizer = loaded.model, loaded.tokenizer
     task = get_task(args.task)
     examples = task_examples(task, args.examples, args.seed, "val", unique=True)
-    max_loops = model.config.max_loops
-    grid = sampler_grid(task.answer_length, args.block_length)
-
-    def run(family: str, label: str, loops: str, spec: SamplerSpec) -> Measurement:
-        m = measure(model, tokenizer, task, examples, spec, family, label, loops, args.batch_size, args.seed)
-        print(" | ".join(m.row()), flush=True)
-        return m
-
-    canvas = answer_canvas(encode_task(task, examples[:args.batch_size], tokenizer), tokenizer.mask_id)
-    changes = loop_changes(model, canvas.to(next(model.parameters()).device))
-    change_text = ", ".join(f"loop {k}: {median:.3f} ({low:.3f}-{high:.3f})"
-                            for k, (low, median, high) in enumerate(changes, start=1))
-    print("relative hidden-state change per loop, median (10th-90th percentile):", change_text)
-    frontier = [run(family, label, f"fixed S={max_loops}", replace(spec, loops=max_loops, loop_policy="fixed"))
-                for family, label, spec in grid]
-    by_label = {m.label: m for m in frontier}
-    specs = {label: spec for _, label, spec in grid}
-    loop_runs: dict[str, list[Measurement]] = {}
-    for label in filter(None, args.loop_samplers.replace("{A}", str(task.answer_length)).split(",")):
-        if label not in specs:
-            parser.error(f"--loop-samplers: {label!r} is not in the grid ({', '.join(specs)})")
-        loop_runs[label] = [by_label[label]] + [run(by_label[label].family, label, loop_label,
-                                                    replace(specs[label], **fields))
-                                                for loop_label, fields in loop_grid(max_loops)[1:]]
+    max_loops = loaded.model.config.max_loops
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        frontier = [Measurement(**m) for m in saved["frontier"]]
+        loop_runs = {k: [Measurement(**m) for m in v] for k, v in saved["loops"].items()}
+        change_text = saved["loop_changes"]
+        if len(frontier[0].correct) != len(examples):
+            parser.error(f"{args.from_json} holds {len(frontier[0].correct)} prompts, not --examples {len(examples)}")
+    else:
+        frontier, loop_runs, change_text = measure_all(loaded.model, loaded.tokenizer, task, examples, args)
 
     if args.json:
-        Path(args.json).write_text(json.dumps({"frontier": [asdict(m) for m in frontier],
+        Path(args.json).write_text(json.dumps({"frontier": [asdict(m) for m in frontier], "loop_changes": change_text,
                                                "loops": {k: [asdict(m) for m in v] for k, v in loop_runs.items()}}))
     if args.plot:
         print("plot:", plot_frontier(frontier, Path(args.plot),
                                      f"{task.name}: {len(examples)} val prompts, S={max_loops}, greedy"))
     targets = target_lines(frontier, loop_runs, task.answer_length)
+    source = (f" Measurements read from `{args.from_json}`, written by `--json` of a decoding run with these settings "
+              "on this machine (wall times are that run's)." if args.from_json else "")
     body = (f"Checkpoint `{loaded.path}`, task {task.name}, {len(examples)} distinct val prompts, answer length "
             f"{task.answer_length}, block length {args.block_length or 'whole answer'}, greedy. NFE = forward "
             "passes in which the row still had masks (WINO's passes also carry its shadow block of one window's "
-            "width); core applications = loop evaluations summed over the row's passes.\n\n"
+            f"width); core applications = loop evaluations summed over the row's passes.{source}\n\n"
             f"Frontier at S = S_max = {max_loops} (plot: docs/img/decoding_frontier.png):\n\n"
             + markdown_table(TABLE_HEADER, [m.row() for m in frontier])
             + "".join(f"\n\nLoop depth with {label}:\n\n" + markdown_table(TABLE_HEADER, [m.row() for m in runs])
