@@ -452,6 +452,27 @@ def test_finetune_lowers_the_wino_plus_loss_and_threshold_decoding_runs(sudoku):
     assert report.n == len(examples) and 0 < report.forward_passes <= task.answer_length
 
 
+def test_early_stopping_keeps_the_best_scored_weights_and_stops_after_patience():
+    from loopdlm.train.wino_plus import EarlyStopping
+
+    net = perturbed_model(n_layers=2, vocab=7, std=0.1, core=(0, 1), max_loops=2, seed=1).float()
+    scores = iter([0.5, 0.9, 0.1, 0.2])
+    stopper = EarlyStopping(score=lambda model: next(scores), every=2, patience=2)
+    snapshots, stopped_at = {}, None
+    for step in (0, 2, 4, 6):
+        with torch.no_grad():
+            for param in net.parameters():
+                param.add_(0.01 * (step + 1))
+        snapshots[step] = {k: v.clone() for k, v in net.state_dict().items()}
+        if stopper.check(net, step):
+            stopped_at = step
+            break
+    assert stopped_at == 6 and stopper.best_step == 2
+    assert stopper.scores == [(0, 0.5), (2, 0.9), (4, 0.1), (6, 0.2)]
+    stopper.restore(net)
+    assert all(torch.equal(v, snapshots[2][k]) for k, v in net.state_dict().items())
+
+
 # ---------------------------------------------------------------------------------------- block KV cache
 
 
