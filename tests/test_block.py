@@ -23,14 +23,6 @@ from loopdlm.sampling.selectors import AncestralSelector, FixedScheduleSelector,
 MASK, VOCAB = 0, 23
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls run far faster on one thread than on two contended ones (the test machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def bound_denoiser(model, loops):
     """The trainer's view of a model: (tokens, position_ids, attn_mask) -> logits, with S bound."""

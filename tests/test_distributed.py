@@ -72,12 +72,7 @@ def two_rank_runs(tmp_path_factory):
 
 
 def single_process_run(name: str, root, **options):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return make_run(name, root, 0, 1, **options).fit()
-    finally:
-        torch.set_num_threads(threads)
+    return make_run(name, root, 0, 1, **options).fit()
 
 
 def assert_weights_close(run_dir, reference_dir) -> None:

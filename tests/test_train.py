@@ -29,14 +29,6 @@ from loopdlm.train import (
 from loopdlm.train import checkpoint as checkpoint_module
 from loopdlm.train.distributed import DistInfo, full_model_state
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and several test processes share the machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 VOCAB = 13
 MASK_ID = VOCAB - 1
