@@ -48,6 +48,15 @@ def prepare_data(data: DataConfig) -> PreparedCorpus:
     return PreparedCorpus(directory, tokenizer, manifest)
 
 
+def checkpoint_corpus_split(data: DataConfig, tokenizer: Tokenizer, split: str) -> TokenDataset:
+    """A split of the corpus a checkpoint was trained on (prepared on first use), refusing data tokenised
+    differently from the checkpoint's `tokenizer` (UserError)."""
+    corpus = prepare_data(data)
+    if corpus.tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise UserError(f"the corpus {data.source!r} was tokenised differently from the checkpoint's tokenizer")
+    return TokenDataset(corpus.directory, split, data.seq_len)
+
+
 def build_model(model: ModelConfig, vocab_size: int) -> LoopedTransformer:
     """A fresh denoiser; `model.vocab_size` 0 means "take the tokenizer's"."""
     if model.vocab_size == 0:

@@ -7,12 +7,11 @@ import json
 
 import torch
 
-from loopdlm.data.corpus import TokenDataset
 from loopdlm.data.task_source import TaskBatchSource, encode_task, task_examples, task_from_source
 from loopdlm.data.tasks import get_task
 from loopdlm.errors import UserError
 from loopdlm.eval.attention import analyze_attention
-from loopdlm.workflow import CorpusBatchSource, load_pretrained, prepare_data, resolve_device
+from loopdlm.workflow import CorpusBatchSource, checkpoint_corpus_split, load_pretrained, resolve_device
 
 DEFAULT_TIMES = [0.1, 0.3, 0.5, 0.7, 0.9]
 
@@ -64,9 +63,6 @@ def _batches(args, loaded) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         rows = encode_task(task, task_examples(task, args.n, args.seed, "test", unique=True), loaded.tokenizer)
         source = TaskBatchSource(rows, size, args.seed)
     else:
-        corpus = prepare_data(loaded.config.data)
-        if corpus.tokenizer.fingerprint() != loaded.tokenizer.fingerprint():
-            raise UserError(f"the corpus {loaded.config.data.source} was tokenised differently from {loaded.path}")
-        source = CorpusBatchSource(TokenDataset(corpus.directory, "val", loaded.config.data.seq_len), size,
+        source = CorpusBatchSource(checkpoint_corpus_split(loaded.config.data, loaded.tokenizer, "val"), size,
                                    args.seed)
     return [source.next_batch() for _ in range(max(1, args.n // size))]

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 
-from loopdlm.data.corpus import TokenDataset
 from loopdlm.errors import UserError
 from loopdlm.eval.likelihood import likelihood_bound
-from loopdlm.workflow import CorpusBatchSource, build_objective, load_pretrained, prepare_data, resolve_device
+from loopdlm.workflow import (
+    CorpusBatchSource,
+    build_objective,
+    checkpoint_corpus_split,
+    load_pretrained,
+    resolve_device,
+)
 
 
 def register(subparsers) -> None:
@@ -37,10 +42,7 @@ def run(args) -> None:
         config.diffusion.block_size = args.block_size
     # reported likelihoods always use the unclipped noise interval
     config.diffusion.clip_low, config.diffusion.clip_high = 0.0, 1.0
-    corpus = prepare_data(config.data)
-    if corpus.tokenizer.fingerprint() != loaded.tokenizer.fingerprint():
-        raise UserError(f"the corpus {config.data.source} was tokenised differently from checkpoint {loaded.path}")
-    dataset = TokenDataset(corpus.directory, args.split, config.data.seq_len)
+    dataset = checkpoint_corpus_split(config.data, loaded.tokenizer, args.split)
     source = CorpusBatchSource(dataset, args.batch_size, seed=args.seed)
     batches = [source.next_batch() for _ in range(min(args.batches, max(1, dataset.num_sequences // args.batch_size)))]
     objective = build_objective(config, loaded.tokenizer.mask_id)

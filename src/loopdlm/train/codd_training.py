@@ -35,7 +35,6 @@ import torch
 from torch import Tensor
 
 from loopdlm.config import RunConfig
-from loopdlm.data.corpus import TokenDataset
 from loopdlm.data.task_source import TaskBatchSource, encode_task, task_examples, task_from_source
 from loopdlm.data.tokenizers import Tokenizer
 from loopdlm.diffusion.masked import MaskedDiffusion, apply_mask, subs_log_probs
@@ -43,7 +42,13 @@ from loopdlm.errors import UserError
 from loopdlm.models.transformer import LoopedTransformer
 from loopdlm.sampling.codd import HMMPrior
 from loopdlm.sampling.coupling import save_codd_layer, window_chunks
-from loopdlm.workflow import CorpusBatchSource, build_objective, load_pretrained, prepare_data, resolve_device
+from loopdlm.workflow import (
+    CorpusBatchSource,
+    build_objective,
+    checkpoint_corpus_split,
+    load_pretrained,
+    resolve_device,
+)
 
 #: tokens int64 [B, L] (x_t) -> SUBS log-probs float [B, L, V] of the frozen denoiser.
 DenoiserFn = Callable[[Tensor], Tensor]
@@ -305,10 +310,7 @@ def checkpoint_training_source(run: RunConfig, tokenizer: Tokenizer, batch_size:
         wanted = batch_size * (config.pool_batches if config.topk else config.steps)
         examples = task_examples(task, min(max(wanted, batch_size), MAX_TASK_EXAMPLES), config.seed, "train")
         return TaskBatchSource(encode_task(task, examples, tokenizer), batch_size, config.seed)
-    corpus = prepare_data(run.data)
-    if corpus.tokenizer.fingerprint() != tokenizer.fingerprint():
-        raise UserError(f"the corpus of {run.data.source!r} is tokenised differently from the checkpoint")
-    return CorpusBatchSource(TokenDataset(corpus.directory, "train", run.data.seq_len), batch_size, config.seed)
+    return CorpusBatchSource(checkpoint_corpus_split(run.data, tokenizer, "train"), batch_size, config.seed)
 
 
 def train_codd_from_checkpoint(checkpoint: str | Path, out: str | Path, config: CoDDTrainConfig, batch_size: int,
