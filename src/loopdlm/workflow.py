@@ -16,7 +16,7 @@ from loopdlm.diffusion.masked import MaskedDiffusion
 from loopdlm.diffusion.schedules import make_schedule
 from loopdlm.errors import UserError
 from loopdlm.models.transformer import LoopedTransformer, ModelConfig
-from loopdlm.train.distributed import resolve_device  # noqa: F401  (re-exported for commands)
+from loopdlm.train.distributed import DistInfo, barrier, resolve_device  # noqa: F401  (re-exported)
 from loopdlm.train.checkpoint import TOKENIZER_DIR, load_checkpoint_config, load_model_weights, resolve_checkpoint
 
 
@@ -57,14 +57,30 @@ def checkpoint_corpus_split(data: DataConfig, tokenizer: Tokenizer, split: str) 
     return TokenDataset(corpus.directory, split, data.seq_len)
 
 
-def build_model(model: ModelConfig, vocab_size: int) -> LoopedTransformer:
-    """A fresh denoiser; `model.vocab_size` 0 means "take the tokenizer's"."""
+def prepare_data_distributed(data: DataConfig, dist: DistInfo) -> PreparedCorpus:
+    """`prepare_data` on rank 0 first; the other ranks wait, then open the prepared (cached) corpus."""
+    corpus = prepare_data(data) if dist.is_main else None
+    barrier(dist)
+    return corpus or prepare_data(data)
+
+
+def corpus_sources(corpus: PreparedCorpus, config: RunConfig, dist: DistInfo
+                   ) -> tuple[CorpusBatchSource, CorpusBatchSource]:
+    """This rank's (train, validation) batch streams over a prepared corpus, seeded from `config.train.seed`."""
+    seq_len, batch, seed = config.data.seq_len, config.train.batch_size, config.train.seed
+    return tuple(CorpusBatchSource(TokenDataset(corpus.directory, split, seq_len), batch, seed + offset, dist.rank,
+                                   dist.world_size) for offset, split in enumerate(("train", "val")))
+
+
+def build_model(model: ModelConfig, vocab_size: int, model_class: type[LoopedTransformer] = LoopedTransformer
+                ) -> LoopedTransformer:
+    """A fresh `model_class` network; `model.vocab_size` 0 means "take the tokenizer's"."""
     if model.vocab_size == 0:
         model.vocab_size = vocab_size
     if model.vocab_size != vocab_size:
         raise UserError(f"model.vocab_size={model.vocab_size} does not match the tokenizer's {vocab_size} ids")
     try:
-        return LoopedTransformer(model)
+        return model_class(model)
     except ValueError as exc:
         raise UserError(f"bad model config: {exc}") from None
 

@@ -9,14 +9,13 @@ import torch
 
 from loopdlm.commands.sample import add_sampler_arguments, sampler_spec_from_args
 from loopdlm.config import available_presets, load_config
-from loopdlm.data.corpus import TokenDataset
 from loopdlm.errors import UserError
 from loopdlm.eval.genppl import generative_perplexity, load_judge
 from loopdlm.sampling import prompt_canvas, sample
 from loopdlm.train.autoregressive import CausalTransformer, NextTokenObjective
-from loopdlm.train.distributed import barrier, setup_distributed
+from loopdlm.train.distributed import setup_distributed
 from loopdlm.train.trainer import Trainer
-from loopdlm.workflow import CorpusBatchSource, load_pretrained, prepare_data, resolve_device
+from loopdlm.workflow import build_model, corpus_sources, load_pretrained, prepare_data_distributed, resolve_device
 
 
 def register(subparsers) -> None:
@@ -44,19 +43,10 @@ def run_train_judge(args) -> None:
     if config.model.core_layers:
         raise UserError("a judge has no looped core: set model.core_start = model.core_end")
     dist = setup_distributed(config.train.device)
-    corpus = prepare_data(config.data) if dist.is_main else None
-    barrier(dist)
-    corpus = corpus or prepare_data(config.data)
+    corpus = prepare_data_distributed(config.data, dist)
     tokenizer = corpus.tokenizer
-    if config.model.vocab_size == 0:
-        config.model.vocab_size = tokenizer.vocab_size
-    if config.model.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"model.vocab_size={config.model.vocab_size} does not match the tokenizer's "
-                        f"{tokenizer.vocab_size} ids")
-    model = CausalTransformer(config.model)
-    seq_len, batch, seed = config.data.seq_len, config.train.batch_size, config.train.seed
-    sources = [CorpusBatchSource(TokenDataset(corpus.directory, split, seq_len), batch, seed + offset, dist.rank,
-                                 dist.world_size) for offset, split in enumerate(("train", "val"))]
+    model = build_model(config.model, tokenizer.vocab_size, CausalTransformer)
+    sources = corpus_sources(corpus, config, dist)
     trainer = Trainer(config, model, NextTokenObjective(), *sources, config.train.out_dir,
                       tokenizer_saver=tokenizer.save, dist=dist)
     result = trainer.fit()

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from loopdlm.config import available_presets, load_config
-from loopdlm.data.corpus import TokenDataset
-from loopdlm.train.distributed import barrier, setup_distributed
+from loopdlm.train.distributed import setup_distributed
 from loopdlm.train.trainer import Trainer
-from loopdlm.workflow import CorpusBatchSource, build_model, build_objective, prepare_data
+from loopdlm.workflow import build_model, build_objective, corpus_sources, prepare_data_distributed
 
 
 def register(subparsers) -> None:
@@ -19,22 +18,15 @@ def register(subparsers) -> None:
 def run(args) -> None:
     config = load_config(args.config, args.overrides)
     dist = setup_distributed(config.train.device)
-    corpus = prepare_data(config.data) if dist.rank == 0 else None
-    barrier(dist)
-    if corpus is None:
-        corpus = prepare_data(config.data)
+    corpus = prepare_data_distributed(config.data, dist)
     tokenizer = corpus.tokenizer
     model = build_model(config.model, tokenizer.vocab_size)
     objective = build_objective(config, tokenizer.mask_id)
-    seq_len, batch, seed = config.data.seq_len, config.train.batch_size, config.train.seed
-    train_source = CorpusBatchSource(TokenDataset(corpus.directory, "train", seq_len), batch, seed,
-                                     dist.rank, dist.world_size)
-    val_source = CorpusBatchSource(TokenDataset(corpus.directory, "val", seq_len), batch, seed + 1,
-                                   dist.rank, dist.world_size)
+    train_source, val_source = corpus_sources(corpus, config, dist)
     trainer = Trainer(config, model, objective, train_source, val_source, config.train.out_dir,
                       tokenizer_saver=tokenizer.save, dist=dist)
     result = trainer.fit()
-    if dist.rank == 0:
+    if dist.is_main:
         print(f"trained {result.step} steps -> {result.checkpoint}")
         for loops, values in sorted(result.eval_metrics.items()):
             print(f"validation S={loops}: {values['nats_per_token']:.4f} nats/token, "
