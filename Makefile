@@ -8,7 +8,7 @@ CLI := $(VENV)/bin/loopdlm
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,eval,hf,plot]'
 	touch $@
 
 install: $(VENV)/.installed
