@@ -17,13 +17,13 @@ from loopdlm.workflow import CorpusBatchSource, build_model, build_objective, pr
 def main(preset: str, out_dir: str, overrides: list[str]) -> None:
     config = load_config(preset, [*overrides, f"train.out_dir={out_dir}"])
     corpus = prepare_data(config.data)
-    model = build_model(config.model, corpus.tokenizer.vocab_size)
+    model = build_model(config.model, corpus.tokenizer.vocab_size, seed=config.train.seed)
     seq_len, batch, seed = config.data.seq_len, config.train.batch_size, config.train.seed
     train = CorpusBatchSource(TokenDataset(corpus.directory, "train", seq_len), batch, seed)
     # The validation stream does not depend on the training seed, so every run is scored on the same text.
     val = CorpusBatchSource(TokenDataset(corpus.directory, "val", seq_len), batch, 12345)
     trainer = Trainer(config, model, build_objective(config, corpus.tokenizer.mask_id), train, val, out_dir,
-                      tokenizer_saver=corpus.tokenizer.save)
+                      tokenizer=corpus.tokenizer)
     result = trainer.fit()
     print(f"{out_dir}: {result.step} steps, {model.num_parameters()} parameters, final eval {result.eval_metrics}")
 

@@ -92,7 +92,7 @@ def test_train_judge_and_genppl_commands_run_end_to_end(tmp_path, capsys):
     sources = [CorpusBatchSource(TokenDataset(prepared.directory, split, 16), 4, seed=0) for split in ("train", "val")]
     model = build_model(config.model, prepared.tokenizer.vocab_size)
     Trainer(config, model, build_objective(config, prepared.tokenizer.mask_id), *sources, tmp_path / "mdm",
-            tokenizer_saver=prepared.tokenizer.save).fit()
+            tokenizer=prepared.tokenizer).fit()
 
     assert main(["genppl", "--checkpoint", str(tmp_path / "mdm"), "--judge", str(tmp_path / "judge"),
                  "--num-samples", "3", "--batch-size", "2", "--steps", "8", "--loops", "2", "--device", "cpu",

@@ -6,14 +6,21 @@ Every user error ends as one line on stderr and a non-zero exit, without a trace
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
 
-from loopdlm.errors import UserError
+from loopdlm.errors import UserError, os_error_text
 
 #: Modules under loopdlm.commands, each exposing `register(subparsers)` which sets `func` on its parser.
 COMMANDS = ["prepare", "train", "evaluate", "sample", "finetune", "eval_task", "analyze", "judge", "train_codd"]
+
+
+#: File-system failures a user fixes (full disk, read-only or unwritable folder, a file where a folder belongs):
+#: one line and exit 2 wherever they surface. Writers clean up their temporary files, so nothing saved is lost.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                      errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the process exit code (0 ok, 2 user error, 130 interrupted)."""
+    """Run one command; returns the process exit code (0 ok, 2 user error, 128 + signal number interrupted)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -34,9 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"loopdlm {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"loopdlm {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"loopdlm {args.command}: error: {os_error_text(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # a TrainingStopped says what it saved and carries 128 + its signal
+        detail = f": {exc}" if str(exc) else ""
+        print(f"loopdlm {args.command}: interrupted{detail}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +16,13 @@ from loopdlm.data.sources import resolve_source
 from loopdlm.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 from loopdlm.diffusion.masked import MaskedDiffusion
 from loopdlm.diffusion.schedules import make_schedule
-from loopdlm.errors import UserError
+from loopdlm.errors import UserError, os_error_text
 from loopdlm.models.transformer import LoopedTransformer, ModelConfig
 from loopdlm.train.distributed import DistInfo, barrier, resolve_device  # noqa: F401  (re-exported)
 from loopdlm.train.checkpoint import TOKENIZER_DIR, load_checkpoint_config, load_model_weights, resolve_checkpoint
+from loopdlm.train.trainer import derived_seed
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,18 +38,27 @@ def prepare_data(data: DataConfig) -> PreparedCorpus:
     """Resolve `data.source`, build its tokenizer once, and tokenise it into a cached memmap folder.
 
     The folder name is derived from the source fingerprint and the tokenizer settings, so a second call (or a second
-    run on the same corpus) reuses both the tokenizer and the token file.
+    run on the same corpus) reuses both the tokenizer and the token file. A file-system failure (full disk,
+    unwritable or misplaced cache_dir) is a one-line UserError; an interrupted preparation is redone next time.
     """
     cache = Path(data.cache_dir)
-    documents, fingerprint = resolve_source(data.source, cache)
-    settings = f"{data.tokenizer}-{data.vocab_size if data.tokenizer == 'bpe' else 0}-{data.val_fraction}"
-    key = hashlib.sha256(f"{fingerprint}:{settings}".encode()).hexdigest()[:16]
-    directory = cache / "corpora" / key
-    tokenizer_dir = directory / "tokenizer"
-    if (directory / "manifest.json").is_file() and tokenizer_dir.is_dir():
-        return PreparedCorpus(directory, load_tokenizer(tokenizer_dir), load_manifest(directory))
-    tokenizer = build_tokenizer(data.tokenizer, (text for _, text in documents), data.vocab_size)
-    manifest = prepare_corpus(documents, directory, tokenizer, fingerprint, data.val_fraction)
+    if cache.exists() and not cache.is_dir():
+        raise UserError(f"data.cache_dir {cache} is a file, not a folder")
+    try:
+        documents, fingerprint = resolve_source(data.source, cache)
+        settings = f"{data.tokenizer}-{data.vocab_size if data.tokenizer == 'bpe' else 0}-{data.val_fraction}"
+        key = hashlib.sha256(f"{fingerprint}:{settings}".encode()).hexdigest()[:16]
+        directory = cache / "corpora" / key
+        tokenizer_dir = directory / "tokenizer"
+        if (directory / "manifest.json").is_file() and tokenizer_dir.is_dir():
+            logger.info("data: %s, prepared earlier in %s", data.source, directory)
+            return PreparedCorpus(directory, load_tokenizer(tokenizer_dir), load_manifest(directory))
+        logger.info("data: preparing %s once: building a %s tokenizer and writing its tokens to %s", data.source,
+                    data.tokenizer, directory)
+        tokenizer = build_tokenizer(data.tokenizer, (text for _, text in documents), data.vocab_size)
+        manifest = prepare_corpus(documents, directory, tokenizer, fingerprint, data.val_fraction)
+    except OSError as err:
+        raise UserError(f"cannot prepare {data.source} in {cache}: {os_error_text(err)}") from None
     return PreparedCorpus(directory, tokenizer, manifest)
 
 
@@ -72,15 +86,24 @@ def corpus_sources(corpus: PreparedCorpus, config: RunConfig, dist: DistInfo
                                    dist.world_size) for offset, split in enumerate(("train", "val")))
 
 
-def build_model(model: ModelConfig, vocab_size: int, model_class: type[LoopedTransformer] = LoopedTransformer
-                ) -> LoopedTransformer:
-    """A fresh `model_class` network; `model.vocab_size` 0 means "take the tokenizer's"."""
+def build_model(model: ModelConfig, vocab_size: int, model_class: type[LoopedTransformer] = LoopedTransformer,
+                *, seed: int | None = None) -> LoopedTransformer:
+    """A fresh `model_class` network on the CPU; `model.vocab_size` 0 means "take the tokenizer's".
+
+    With `seed`, the initial weights are a fixed function of (seed, model config): they are drawn inside a forked
+    CPU random state seeded from `seed`, so the same command starts from the same weights on every device and
+    process, and the caller's global random state is left as it was.
+    """
     if model.vocab_size == 0:
         model.vocab_size = vocab_size
     if model.vocab_size != vocab_size:
         raise UserError(f"model.vocab_size={model.vocab_size} does not match the tokenizer's {vocab_size} ids")
+    seeded = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     try:
-        return model_class(model)
+        with seeded:
+            if seed is not None:
+                torch.manual_seed(derived_seed("init", seed))
+            return model_class(model)
     except ValueError as exc:
         raise UserError(f"bad model config: {exc}") from None
 

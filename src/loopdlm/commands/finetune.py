@@ -58,12 +58,12 @@ def run(args) -> None:
     train_rows = encode_task(task, task_examples(task, args.train_examples, seed, "train"), tokenizer)
     val_rows = encode_task(task, task_examples(task, args.val_examples, seed, "val", unique=True), tokenizer)
     val_batch = max(1, min(batch, args.val_examples // dist.world_size))
-    model = build_model(config.model, tokenizer.vocab_size)
+    model = build_model(config.model, tokenizer.vocab_size, seed=config.train.seed)
     objective = build_objective(config, tokenizer.mask_id)
     trainer = Trainer(config, model, objective,
                       TaskBatchSource(train_rows, batch, seed, dist.rank, dist.world_size),
                       TaskBatchSource(val_rows, val_batch, seed + 1, dist.rank, dist.world_size),
-                      config.train.out_dir, tokenizer_saver=tokenizer.save, dist=dist)
+                      config.train.out_dir, tokenizer=tokenizer, dist=dist)
     result = trainer.fit()
     if dist.is_main:
         print(f"fine-tuned on {task.name} ({args.train_examples} examples, rows of {config.data.seq_len} tokens, "

@@ -45,10 +45,10 @@ def run_train_judge(args) -> None:
     dist = setup_distributed(config.train.device)
     corpus = prepare_data_distributed(config.data, dist)
     tokenizer = corpus.tokenizer
-    model = build_model(config.model, tokenizer.vocab_size, CausalTransformer)
+    model = build_model(config.model, tokenizer.vocab_size, CausalTransformer, seed=config.train.seed)
     sources = corpus_sources(corpus, config, dist)
     trainer = Trainer(config, model, NextTokenObjective(), *sources, config.train.out_dir,
-                      tokenizer_saver=tokenizer.save, dist=dist)
+                      tokenizer=tokenizer, dist=dist)
     result = trainer.fit()
     if dist.is_main:
         print(f"trained judge {result.step} steps -> {result.checkpoint}")

@@ -20,11 +20,11 @@ def run(args) -> None:
     dist = setup_distributed(config.train.device)
     corpus = prepare_data_distributed(config.data, dist)
     tokenizer = corpus.tokenizer
-    model = build_model(config.model, tokenizer.vocab_size)
+    model = build_model(config.model, tokenizer.vocab_size, seed=config.train.seed)
     objective = build_objective(config, tokenizer.mask_id)
     train_source, val_source = corpus_sources(corpus, config, dist)
     trainer = Trainer(config, model, objective, train_source, val_source, config.train.out_dir,
-                      tokenizer_saver=tokenizer.save, dist=dist)
+                      tokenizer=tokenizer, dist=dist)
     result = trainer.fit()
     if dist.is_main:
         print(f"trained {result.step} steps -> {result.checkpoint}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -85,7 +86,8 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model_state: dict[str, Te
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The checkpoint folder a resume of the run in `out_dir` should use, or None when there is none.
 
-    Follows the `latest` pointer; when it is missing or dangling, the highest-numbered complete step folder.
+    Follows the `latest` pointer when it names a complete step folder inside checkpoints/ (a pointer to any other
+    place is ignored); otherwise takes the highest-numbered complete step folder.
     """
     root = Path(out_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
@@ -93,7 +95,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     pointer = root / LATEST_FILE
     if pointer.is_file():
         target = root / pointer.read_text(encoding="utf-8").strip()
-        if _STEP_DIR.match(target.name) and _is_complete(target):
+        if _inside(root, target) and _STEP_DIR.match(target.name) and _is_complete(target):
             return target
     complete = [path for _, path in _step_dirs(root) if _is_complete(path)]
     return complete[-1] if complete else None
@@ -162,7 +164,11 @@ def read_training_state(ckpt: str | Path) -> dict[str, Any]:
         raise UserError(f"cannot resume from {path.parent}: {STATE_FILE} is missing")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, foreign pickle, ... all mean the file is unusable
+    except pickle.UnpicklingError:
+        # PyTorch's own message suggests weights_only=False, i.e. running whatever code the file holds.
+        raise UserError(f"corrupt training state {path}: not a loopdlm training state (it is damaged or holds "
+                        "Python objects besides tensors and plain values); it was not loaded") from None
+    except Exception as err:  # truncated zip and the like: the file is unusable
         raise UserError(f"corrupt training state {path}: {_one_line(err)}") from None
     if not isinstance(state, dict) or "step" not in state:
         raise UserError(f"corrupt training state {path}: no step recorded")
@@ -200,8 +206,15 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    # A symbolic link is not a step folder: a checkpoint is only ever read from inside checkpoints/.
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and not p.is_symlink() and (m := _STEP_DIR.match(p.name))]
     return sorted(found)
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """True when `path` is an entry of `root` itself, also after resolving symbolic links and '..'."""
+    return path.parent == root and path.resolve().parent == root.resolve()
 
 
 def _is_complete(folder: Path) -> bool:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from loopdlm.errors import UserError
 
 MODES = ("ddp", "fsdp")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,25 @@ def barrier(info: DistInfo) -> None:
     """Wait for every rank (a no-op in a single process)."""
     if info.distributed:
         dist.barrier()
+
+
+def on_main_rank(info: DistInfo, action: Callable[[], T]) -> T | None:
+    """Run `action` on rank 0 only (None elsewhere) and make its UserError every rank's: each rank raises it with
+    the same one-line message instead of waiting forever for a rank that has quit. Also a barrier."""
+    error = None
+    result = None
+    if info.is_main:
+        try:
+            result = action()
+        except UserError as exc:
+            error = str(exc)
+    if info.distributed:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 def to_local(value: Tensor) -> Tensor:

@@ -21,9 +21,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,11 +33,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from loopdlm.config import RunConfig
+from loopdlm.config import RunConfig, TrainConfig
+from loopdlm.data.tokenizers import Tokenizer, load_tokenizer
 from loopdlm.diffusion.masked import Denoiser, NelboTerms
-from loopdlm.errors import UserError
+from loopdlm.errors import UserError, os_error_text
 from loopdlm.models.transformer import LoopedTransformer
 from loopdlm.train.checkpoint import (
+    TOKENIZER_DIR,
     load_checkpoint_config,
     latest_checkpoint,
     read_training_state,
@@ -48,25 +50,29 @@ from loopdlm.train.checkpoint import (
 from loopdlm.train.distributed import (
     DistInfo,
     all_reduce_sum,
-    barrier,
     compile_blocks,
     full_model_state,
     full_optimizer_state,
     gradient_sync,
     load_full_model_state,
     load_full_optimizer_state,
+    on_main_rank,
     reshard,
     setup_distributed,
     to_local,
     wrap_model,
 )
 from loopdlm.train.ema import EMA
+from loopdlm.train.graceful_stop import GracefulStop, TrainingStopped
 from loopdlm.train.lr import learning_rate
+from loopdlm.train.run_lock import RunLock
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 PRECISIONS = ("auto", "fp32", "bf16")
+#: Without a progress bar (output not a terminal), a progress line at least this often besides the log_every ones.
+PROGRESS_SECONDS = 30.0
 
 
 class BatchSource(Protocol):
@@ -173,8 +179,10 @@ class Trainer:
         model: the denoiser; moved to the training device and wrapped for data parallelism here.
         objective: anything with `nelbo(denoiser, x0, generator, noisable) -> NelboTerms`.
         train_source / val_source: this rank's batch streams (see `BatchSource`); no val_source, no evaluation.
-        out_dir: run folder for metrics.jsonl and checkpoints/ (default: config.train.out_dir).
-        tokenizer_saver: writes the tokenizer into the folder it is given, for each checkpoint.
+        out_dir: run folder for metrics.jsonl and checkpoints/ (default: config.train.out_dir); locked while
+            `fit` runs, so a second trainer on the same folder is refused.
+        tokenizer: saved with each checkpoint; a resume or `train.init_from` whose checkpoint holds a tokenizer
+            with other contents (its hash differs, even at the same vocabulary size) is refused.
         dist: this process's place in the process group (default: `setup_distributed(config.train.device)`).
         resume: None = continue from out_dir's latest checkpoint when there is one; True = require one;
             False = start fresh (refused when out_dir already holds checkpoints).
@@ -182,7 +190,7 @@ class Trainer:
 
     def __init__(self, config: RunConfig, model: LoopedTransformer, objective: Objective, train_source: BatchSource,
                  val_source: BatchSource | None = None, out_dir: str | Path | None = None,
-                 tokenizer_saver: Callable[[Path], None] | None = None, *, dist: DistInfo | None = None,
+                 tokenizer: Tokenizer | None = None, *, dist: DistInfo | None = None,
                  resume: bool | None = None):
         train = config.train
         _validate(config)
@@ -191,7 +199,7 @@ class Trainer:
         self.config, self.objective = config, objective
         self.train_source, self.val_source = train_source, val_source
         self.out_dir = Path(out_dir if out_dir is not None else train.out_dir)
-        self.tokenizer_saver, self.resume = tokenizer_saver, resume
+        self.tokenizer, self.resume = tokenizer, resume
         self.dist = dist if dist is not None else setup_distributed(train.device)
         self.device = self.dist.device
         self.autocast_dtype = _autocast_dtype(train.precision, self.device)
@@ -217,7 +225,27 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
         """Train until `config.train.steps` updates (resuming first when a checkpoint says so), evaluating every
-        eval_every steps and at the end, checkpointing every ckpt_every steps and at the end."""
+        eval_every steps and at the end, checkpointing every ckpt_every steps and at the end.
+
+        Holds the run folder's lock throughout. The first SIGINT/SIGTERM ends the run after the current step with
+        a checkpoint and raises `TrainingStopped` (a KeyboardInterrupt); see `graceful_stop`.
+        """
+        with contextlib.ExitStack() as held:
+            on_main_rank(self.dist, lambda: self._claim_run_folder(held))
+            stop = held.enter_context(GracefulStop())
+            return self._fit(stop)
+
+    def _claim_run_folder(self, held: contextlib.ExitStack) -> None:
+        """Create out_dir and take its lock for as long as `held` lasts (rank 0)."""
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise UserError(f"train.out_dir {self.out_dir} is a file, not a folder")
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(RunLock(self.out_dir))
+        except OSError as err:
+            raise UserError(f"cannot use {self.out_dir} as the run folder: {os_error_text(err)}") from None
+
+    def _fit(self, stop: GracefulStop) -> TrainResult:
         train = self.config.train
         if not self._restored:
             self._restore()
@@ -226,12 +254,14 @@ class Trainer:
         if self.step >= train.steps:
             return result
         session_start = time.perf_counter() - self.elapsed
+        self._progress_start = (time.perf_counter(), self.step)
+        self._last_progress = time.perf_counter()
         window = (0.0, 0, 0.0)  # training seconds, tokens, FLOPs since the last log record
         bar = tqdm(total=train.steps, initial=self.step, disable=not self._progress_bar(), dynamic_ncols=True)
         try:
             while self.step < train.steps:
                 started = time.perf_counter()
-                stats = self._train_step(self.step + 1)
+                stats = self._train_step(self.step + 1, stop_requested=stop.requested is not None)
                 seconds = time.perf_counter() - started
                 self.step += 1
                 self.elapsed = time.perf_counter() - session_start
@@ -245,19 +275,28 @@ class Trainer:
                     self._log_train(stats, window)
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", S=stats["loops"])
                     window = (0.0, 0, 0.0)
+                elif time.perf_counter() - self._last_progress >= PROGRESS_SECONDS:
+                    self._log_progress(stats)
                 if self.val_source is not None and _due(self.step, train.eval_every, last):
                     result.eval_metrics = self.evaluate()
                     self._log_eval(result.eval_metrics)
                     self._adapt_objective()
-                if _due(self.step, train.ckpt_every, last):
+                if _due(self.step, train.ckpt_every, last) or stats["stop"]:
                     self.checkpoint = self.save()
+                if stats["stop"] and not last:
+                    signum = stop.requested or signal.SIGTERM
+                    where = self.checkpoint or self.out_dir
+                    raise TrainingStopped(f"{signum.name}: stopped after step {self.step} with a checkpoint in "
+                                          f"{where}; run the same command to resume", signum)
         finally:
             bar.close()
         result.step, result.checkpoint = self.step, self.checkpoint
         return result
 
-    def _train_step(self, step: int) -> dict[str, Any]:
-        """One optimizer update (number `step`, 1-based) over grad_accum micro-batches with a single S."""
+    def _train_step(self, step: int, stop_requested: bool = False) -> dict[str, Any]:
+        """One optimizer update (number `step`, 1-based) over grad_accum micro-batches with a single S.
+        `stop_requested` (this rank got a signal) is summed over ranks with the losses, so that every rank sees
+        the same "stop" after the same step."""
         train = self.config.train
         loops = loops_for_step(train.seed, step, self.max_loops)
         lr = learning_rate(step, train)
@@ -273,8 +312,8 @@ class Trainer:
             flops += self.model.flops_per_token(tokens.shape[1], loops, training=True) * tokens.numel()
             return self.wrapped(tokens, loops=loops, **inputs).logits
 
-        # NLL sum, scored tokens, data tokens, FLOPs: summed over micro-batches, then over ranks.
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        # NLL sum, scored tokens, data tokens, FLOPs, stop requests: summed over micro-batches, then over ranks.
+        totals = torch.zeros(5, dtype=torch.float64, device=self.device)
         for micro in range(train.grad_accum):
             x0, noisable = self.train_source.next_batch()
             x0 = x0.to(self.device, non_blocking=True)
@@ -289,6 +328,7 @@ class Trainer:
             totals[1] += terms.n_tokens.detach().double()
             totals[2] += x0.numel()
         totals[3] = flops
+        totals[4] = float(stop_requested)
         all_reduce_sum(totals, self.dist)
         # Data parallelism averages gradients over ranks; undo that and divide by the global token count, so
         # the update is the gradient of the token-weighted mean NELBO of the whole global batch.
@@ -300,9 +340,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.params)
-        nll, scored, tokens, flops = totals.tolist()
+        nll, scored, tokens, flops, stops = totals.tolist()
         return {"loss": nll / max(scored, 1.0), "loops": loops, "lr": lr, "grad_norm": grad_norm,
-                "tokens": int(tokens), "flops": flops}
+                "tokens": int(tokens), "flops": flops, "stop": stops > 0}
 
     # ---------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -378,17 +418,23 @@ class Trainer:
             with self.ema.swapped_into(self.params):
                 ema_state = full_model_state(self.model, self.dist)
         optimizer_state = full_optimizer_state(self.model, self.optimizer, self.dist)
-        folder = None
-        if self.dist.is_main:
+
+        def write() -> Path:
             training_state = {"step": self.step, "tokens": self.tokens, "flops": self.flops,
                               "elapsed": self.elapsed, "optimizer": optimizer_state,
                               "data": self.train_source.state_dict(), "rng": _rng_state(self.device),
                               "objective": _objective_state(self.objective)}
-            folder = save_checkpoint(self.out_dir, self.step, model_state=model_state, ema_state=ema_state,
-                                     training_state=training_state, config=self.config,
-                                     tokenizer_saver=self.tokenizer_saver, keep_last=self.config.train.keep_last)
-        barrier(self.dist)
-        return folder
+            try:
+                return save_checkpoint(self.out_dir, self.step, model_state=model_state, ema_state=ema_state,
+                                       training_state=training_state, config=self.config,
+                                       tokenizer_saver=self.tokenizer.save if self.tokenizer else None,
+                                       keep_last=self.config.train.keep_last)
+            except OSError as err:
+                kept = f"{self.checkpoint} is still the latest" if self.checkpoint else "no earlier one exists"
+                raise UserError(f"cannot write the checkpoint of step {self.step} into {self.out_dir}: "
+                                f"{os_error_text(err)}; {kept}") from None
+
+        return on_main_rank(self.dist, write)
 
     def _restore(self) -> None:
         latest = latest_checkpoint(self.out_dir)
@@ -398,8 +444,12 @@ class Trainer:
             raise UserError(f"nothing to resume: no checkpoint in {self.out_dir}")
         if latest is not None:
             self._resume_from(latest)
-        elif self.config.train.init_from:
+            return
+        if self.dist.is_main:
+            _set_aside_metrics(self.out_dir / METRICS_FILE)
+        if self.config.train.init_from:
             folder = resolve_checkpoint(self.config.train.init_from)
+            self._check_tokenizer(folder, "train.init_from")
             self._load_weights(folder, use_ema=True)
             if self.ema is not None:
                 self.ema.copy_from(self.params)
@@ -409,8 +459,11 @@ class Trainer:
         saved = load_checkpoint_config(folder)
         if saved.model != self.config.model:
             differing = [k for k, v in vars(saved.model).items() if getattr(self.config.model, k) != v]
-            raise UserError(f"checkpoint {folder} has a different model config ({', '.join(differing)}); "
-                            "use matching model settings or another out_dir")
+            hint = (f": it was trained on data.source={saved.data.source!r} with a {saved.data.tokenizer} "
+                    "tokenizer, so another data set or tokenizer lives there" if "vocab_size" in differing else "")
+            raise UserError(f"checkpoint {folder} has a different model config ({', '.join(differing)}){hint}; "
+                            "use matching settings or set another train.out_dir")
+        self._check_tokenizer(folder, "checkpoint")
         state = read_training_state(folder)
         if self.ema is not None:
             self._load_weights(folder, use_ema=True)
@@ -429,7 +482,22 @@ class Trainer:
         self.checkpoint = folder
         if self.dist.is_main:
             _truncate_metrics(self.out_dir / METRICS_FILE, self.step)
-        logger.info("resumed from %s at step %d", folder, self.step)
+            logger.info("resumed from %s at step %d", folder, self.step)
+            _warn_if_schedule_changed(saved.train, self.config.train, self.step)
+
+    def _check_tokenizer(self, folder: Path, origin: str) -> None:
+        """UserError when the checkpoint's saved tokenizer differs from this run's (compared by content hash,
+        so a corpus with one character swapped is caught at the same vocabulary size)."""
+        if self.tokenizer is None or not (folder / TOKENIZER_DIR).is_dir():
+            return
+        saved = load_tokenizer(folder / TOKENIZER_DIR)
+        if saved.fingerprint() != self.tokenizer.fingerprint():
+            advice = ("train on the data it was trained on" if origin == "train.init_from" else
+                      "train on the original data or set another train.out_dir")
+            raise UserError(
+                f"{origin} {folder} was trained with a different tokenizer (hash {saved.fingerprint()[:12]}, "
+                f"{saved.vocab_size} ids) than this run's (hash {self.tokenizer.fingerprint()[:12]}, "
+                f"{self.tokenizer.vocab_size} ids): the corpus or tokenizer settings changed; {advice}")
 
     def _load_weights(self, folder: Path, use_ema: bool) -> None:
         try:
@@ -455,9 +523,19 @@ class Trainer:
                   "flops": self.flops, "tokens_per_s": tokens / max(seconds, 1e-9),
                   "flops_per_s": flops / max(seconds, 1e-9), "elapsed": self.elapsed}
         self._write_metrics(record)
-        if self.dist.is_main and not self._progress_bar():
-            logger.info("step %d/%d loss %.4f S=%d lr %.2e %.0f tokens/s", self.step, self.config.train.steps,
-                        record["loss"], record["loops"], record["lr"], record["tokens_per_s"])
+        self._log_progress(stats, f" {record['tokens_per_s']:.0f} tokens/s")
+
+    def _log_progress(self, stats: dict[str, Any], extra: str = "") -> None:
+        """Without a progress bar: a line with the step, loss and the estimated time left (from this session's
+        pace)."""
+        self._last_progress = time.perf_counter()
+        if not self.dist.is_main or self._progress_bar():
+            return
+        started, first_step = self._progress_start
+        seconds_per_step = (self._last_progress - started) / max(self.step - first_step, 1)
+        left = _duration(seconds_per_step * (self.config.train.steps - self.step))
+        logger.info("step %d/%d loss %.4f S=%d lr %.2e%s, about %s left", self.step, self.config.train.steps,
+                    stats["loss"], stats["loops"], stats["lr"], extra, left)
 
     def _log_eval(self, results: dict[int, dict[str, float]]) -> None:
         for loops, values in results.items():
@@ -470,9 +548,13 @@ class Trainer:
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        path = self.out_dir / METRICS_FILE
+        try:
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as err:
+            kept = f"{self.checkpoint} is the latest checkpoint" if self.checkpoint else "no checkpoint was written"
+            raise UserError(f"cannot append to {path}: {os_error_text(err)}; {kept}") from None
 
 
 def _objective_state(objective: Objective) -> dict[str, Any]:
@@ -538,6 +620,45 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _duration(seconds: float) -> str:
+    """'42s', '7m05s' or '3h12m'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _set_aside_metrics(path: Path) -> None:
+    """A run starting from scratch writes a fresh metrics file; one left by an earlier run (killed before its
+    first checkpoint, or whose checkpoints were deleted) is renamed to metrics.old-N.jsonl, never deleted."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    number = 1
+    while (aside := path.with_name(f"{path.stem}.old-{number}{path.suffix}")).exists():
+        number += 1
+    os.replace(path, aside)
+    logger.info("no checkpoint in %s: starting from scratch; the earlier %s was moved to %s", path.parent,
+                path.name, aside.name)
+
+
+def _warn_if_schedule_changed(saved: TrainConfig, current: TrainConfig, step: int) -> None:
+    """Resuming with other schedule settings (typically more train.steps to extend a finished run) re-shapes the
+    learning-rate curve: a cosine decay is stretched over the new length, so the rate jumps back up."""
+    if step >= current.steps:
+        return
+    ended, before, after = learning_rate(step, saved), learning_rate(step + 1, saved), learning_rate(step + 1, current)
+    if math.isclose(before, after, rel_tol=0.05):
+        return
+    reason = ("the cosine decay now spans the new length" if current.lr_schedule == "cosine" and
+              current.steps != saved.steps else "the schedule settings differ")
+    logger.warning("the learning-rate schedule changed since the checkpoint (train.steps %d -> %d): the rate at step "
+                   "%d becomes %.3g instead of %.3g, because %s. To go on at the rate the checkpoint ended with, "
+                   "add train.lr_schedule=constant train.lr=%.3g; for one schedule over all steps, start a new run "
+                   "with the final train.steps", saved.steps, current.steps, step + 1, after, before, reason, ended)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
