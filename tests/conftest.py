@@ -1,5 +1,7 @@
 """Shared fixtures: tiny models with perturbed (non-degenerate) weights."""
 
+import os
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from loopdlm.models import LoopedTransformer, ModelConfig
 
 # The suite runs tiny tensors, for which extra threads only add contention (and oversubscribe a loaded machine).
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # commands run in-process or as subprocesses keep one thread too
 
 
 def make_model(vocab_size: int = 23, n_layers: int = 4, d_model: int = 32, n_heads: int = 2, core: tuple = (1, 3),

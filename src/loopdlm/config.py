@@ -58,6 +58,9 @@ class TrainConfig:
     distributed: str = "ddp"
     out_dir: str = "runs/default"
     init_from: str = ""
+    threads: int = field(default=0, metadata={"help": "torch CPU threads per process; 0 = OMP_NUM_THREADS when set, "
+                                                      "else the cores not already busy (cores minus the 1-minute "
+                                                      "load average, at least 1)"})
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,43 @@ def corpus_sources(corpus: PreparedCorpus, config: RunConfig, dist: DistInfo
     seq_len, batch, seed = config.data.seq_len, config.train.batch_size, config.train.seed
     return tuple(CorpusBatchSource(TokenDataset(corpus.directory, split, seq_len), batch, seed + offset, dist.rank,
                                    dist.world_size) for offset, split in enumerate(("train", "val")))
+
+
+def auto_threads(cores: int, load: float, processes: int = 1) -> int:
+    """Threads per process for `cores` usable cores with a 1-minute load average `load`, shared by `processes`
+    training processes: the idle cores, at least 1. On a busy machine extra threads spin against other processes;
+    measured on 2 busy cores (docs/benchmarks.md), 2 threads ran a tiny-cpu step 6-11x slower than 1."""
+    return max(1, int(cores - load + 0.5) // max(processes, 1))
+
+
+def set_torch_threads(requested: int) -> str:
+    """Set torch's CPU thread count: `requested` when > 0, else OMP_NUM_THREADS when set (torch read it at start),
+    else `auto_threads` shared by this node's LOCAL_WORLD_SIZE processes. Returns a description for the start-up
+    line, e.g. '1 thread (auto: 2 cores, load 3.1)'."""
+    if requested < 0:
+        raise UserError(f"train.threads must be >= 0 (0 = automatic), got {requested}")
+    if requested:
+        threads, why = requested, "train.threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        threads, why = torch.get_num_threads(), "OMP_NUM_THREADS"
+    else:
+        cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads, why = auto_threads(cores, load, processes), f"auto: {cores} cores, load {load:.1f}"
+    torch.set_num_threads(threads)
+    return f"{threads} thread{'s' if threads > 1 else ''} ({why})"
+
+
+def absolute_paths(config: RunConfig) -> None:
+    """Make the file paths of `config` absolute in place (text:/jsonl: sources, data.cache_dir, train.init_from),
+    so the config saved with a checkpoint works from any folder (eval, sample, a resume elsewhere)."""
+    data = config.data
+    kind, sep, rest = data.source.partition(":")
+    if sep and kind in ("text", "jsonl") and rest:
+        data.source = f"{kind}:{os.path.abspath(rest)}"
+    data.cache_dir = os.path.abspath(data.cache_dir)
+    if config.train.init_from:
+        config.train.init_from = os.path.abspath(config.train.init_from)
 
 
 def build_model(model: ModelConfig, vocab_size: int, model_class: type[LoopedTransformer] = LoopedTransformer,

@@ -17,7 +17,7 @@ from loopdlm.errors import UserError
 from loopdlm.train.checkpoint import TOKENIZER_DIR, load_checkpoint_config, resolve_checkpoint
 from loopdlm.train.distributed import setup_distributed
 from loopdlm.train.trainer import Trainer
-from loopdlm.workflow import build_model, build_objective
+from loopdlm.workflow import absolute_paths, build_model, build_objective, set_torch_threads
 
 
 def register(subparsers) -> None:
@@ -51,7 +51,9 @@ def run(args) -> None:
     if args.val_examples < 1 or args.train_examples < 1:
         raise UserError("--train-examples and --val-examples must be >= 1")
 
+    absolute_paths(config)
     dist = setup_distributed(config.train.device)
+    set_torch_threads(config.train.threads)
     seed, batch = config.train.seed, config.train.batch_size
     if args.train_examples < batch * dist.world_size:
         raise UserError(f"--train-examples {args.train_examples} cannot fill a batch of {batch} x {dist.world_size}")

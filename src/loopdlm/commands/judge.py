@@ -15,7 +15,15 @@ from loopdlm.sampling import prompt_canvas, sample
 from loopdlm.train.autoregressive import CausalTransformer, NextTokenObjective
 from loopdlm.train.distributed import setup_distributed
 from loopdlm.train.trainer import Trainer
-from loopdlm.workflow import build_model, corpus_sources, load_pretrained, prepare_data_distributed, resolve_device
+from loopdlm.workflow import (
+    absolute_paths,
+    build_model,
+    corpus_sources,
+    load_pretrained,
+    prepare_data_distributed,
+    resolve_device,
+    set_torch_threads,
+)
 
 
 def register(subparsers) -> None:
@@ -42,7 +50,9 @@ def run_train_judge(args) -> None:
     config = load_config(args.config, args.overrides)
     if config.model.core_layers:
         raise UserError("a judge has no looped core: set model.core_start = model.core_end")
+    absolute_paths(config)
     dist = setup_distributed(config.train.device)
+    set_torch_threads(config.train.threads)
     corpus = prepare_data_distributed(config.data, dist)
     tokenizer = corpus.tokenizer
     model = build_model(config.model, tokenizer.vocab_size, CausalTransformer, seed=config.train.seed)

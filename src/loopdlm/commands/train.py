@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 from loopdlm.config import available_presets, load_config
 from loopdlm.train.distributed import setup_distributed
 from loopdlm.train.trainer import Trainer
-from loopdlm.workflow import build_model, build_objective, corpus_sources, prepare_data_distributed
+from loopdlm.workflow import (
+    absolute_paths,
+    build_model,
+    build_objective,
+    corpus_sources,
+    prepare_data_distributed,
+    set_torch_threads,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train a model (also under torchrun for DDP/FSDP)")
     parser.add_argument("--config", required=True, help=f"preset ({', '.join(available_presets())}) or YAML file")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads per process (same as train.threads; default: automatic)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200 model.max_loops=6")
     parser.set_defaults(func=run)
 
 
 def run(args) -> None:
     config = load_config(args.config, args.overrides)
+    if args.threads is not None:
+        config.train.threads = args.threads
+    absolute_paths(config)
     dist = setup_distributed(config.train.device)
+    threads = set_torch_threads(config.train.threads)
     corpus = prepare_data_distributed(config.data, dist)
     tokenizer = corpus.tokenizer
     model = build_model(config.model, tokenizer.vocab_size, seed=config.train.seed)
@@ -25,6 +43,13 @@ def run(args) -> None:
     train_source, val_source = corpus_sources(corpus, config, dist)
     trainer = Trainer(config, model, objective, train_source, val_source, config.train.out_dir,
                       tokenizer=tokenizer, dist=dist)
+    if dist.is_main:
+        t, m = config.train, corpus.manifest
+        logger.info("train: %.2fM parameters on %s x %d, %s | %s: %d tokens (%d for training), %s tokenizer with "
+                    "%d ids | %d steps of %d x %d tokens | run folder %s", model.num_parameters() / 1e6,
+                    trainer.device, dist.world_size, threads, config.data.source, m.num_tokens, m.val_start,
+                    config.data.tokenizer, m.vocab_size, t.steps, t.batch_size * t.grad_accum * dist.world_size,
+                    config.data.seq_len, os.path.abspath(t.out_dir))
     result = trainer.fit()
     if dist.is_main:
         print(f"trained {result.step} steps -> {result.checkpoint}")

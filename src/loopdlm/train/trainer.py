@@ -275,8 +275,9 @@ class Trainer:
                     self._log_train(stats, window)
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", S=stats["loops"])
                     window = (0.0, 0, 0.0)
-                elif time.perf_counter() - self._last_progress >= PROGRESS_SECONDS:
-                    self._log_progress(stats)
+                elif self.step == self._progress_start[1] + 1 or \
+                        time.perf_counter() - self._last_progress >= PROGRESS_SECONDS:
+                    self._log_progress(stats)  # the first step gives a first time estimate
                 if self.val_source is not None and _due(self.step, train.eval_every, last):
                     result.eval_metrics = self.evaluate()
                     self._log_eval(result.eval_metrics)
@@ -286,7 +287,7 @@ class Trainer:
                 if stats["stop"] and not last:
                     signum = stop.requested or signal.SIGTERM
                     where = self.checkpoint or self.out_dir
-                    raise TrainingStopped(f"{signum.name}: stopped after step {self.step} with a checkpoint in "
+                    raise TrainingStopped(f"stopped by {signum.name} after step {self.step}; checkpoint saved in "
                                           f"{where}; run the same command to resume", signum)
         finally:
             bar.close()
