@@ -259,3 +259,27 @@ def test_saved_configs_hold_absolute_paths(tmp_path, corpus, capsys, monkeypatch
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--loops", "1", "--batches", "1",
                  "--batch-size", "2"]) == 0
     assert not (elsewhere / "data_cache").exists()
+
+
+def test_training_forwards_ask_blocks_for_no_cache_views(monkeypatch):
+    # A compiled block that returns views of its qkv projection makes aot_autograd replay them on every call;
+    # training never needs them, so its forwards (the ones train.compile compiles) must not request them.
+    from conftest import make_model
+    from loopdlm.models.layers import Block
+
+    requested = []
+    forward = Block.forward
+
+    def recording(self, *args, **kwargs):
+        result = forward(self, *args, **kwargs)
+        requested.append(result[1] is not None)
+        return result
+
+    monkeypatch.setattr(Block, "forward", recording)
+    model = make_model()
+    tokens = torch.randint(0, 22, (2, 8))
+    model(tokens, loops=2).logits.sum().backward()
+    assert requested and not any(requested)
+    requested.clear()
+    out = model(tokens, loops=2, return_present=True)
+    assert all(requested) and len(out.present) == len(requested)

@@ -58,7 +58,8 @@ class Attention(nn.Module):
         position_ids: Tensor,
         attn_mask: Tensor | None = None,
         past: PastKV | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        return_present: bool = True,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Attend from x to (past prefix ++ x).
 
         Args:
@@ -68,12 +69,16 @@ class Attention(nn.Module):
                 BlockMask over (L, P+L) (routed to `flex_attention`; fused only under torch.compile, and this torch
                 has no FlexAttention backward on CPU).
             past: optional cached prefix (keys before RoPE, values, positions) with P entries.
+            return_present: False returns None instead of this input's keys and values. They are views of the qkv
+                projection, and a torch.compile'd forward that returns views of an intermediate makes aot_autograd
+                replay those views on every call (one such replay died with a garbage shape); training asks for
+                none, so its compiled graph has no such outputs.
         Returns:
-            (output [B, L, D], (keys before RoPE [B,H,L,hd], values [B,H,L,hd])) so callers can cache them.
+            (output [B, L, D], (keys before RoPE [B,H,L,hd], values [B,H,L,hd]) or None) so callers can cache them.
         """
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        present = (k, v)
+        present = (k, v) if return_present else None
         cos, sin = rotary_angles(position_ids, self.head_dim, self.rope_theta)
         q = apply_rotary(q, cos, sin)
         if past is not None:
@@ -114,10 +119,12 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, mlp_hidden)
 
     def forward(
-        self, x: Tensor, position_ids: Tensor, attn_mask: Tensor | None = None, past: PastKV | None = None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x [B, L, D] -> ([B, L, D], this application's (keys, values)); arguments as in `Attention.forward`."""
-        attended, present = self.attn(self.attn_norm(x), position_ids, attn_mask, past)
+        self, x: Tensor, position_ids: Tensor, attn_mask: Tensor | None = None, past: PastKV | None = None,
+        return_present: bool = True,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """x [B, L, D] -> ([B, L, D], this application's (keys, values) or None); arguments as in
+        `Attention.forward`."""
+        attended, present = self.attn(self.attn_norm(x), position_ids, attn_mask, past, return_present)
         x = x + attended
         return x + self.mlp(self.mlp_norm(x)), present
 

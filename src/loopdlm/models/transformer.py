@@ -133,7 +133,7 @@ class LoopedTransformer(nn.Module):
         def apply(index: int, loop: int, h: Tensor) -> Tensor:
             slot = (index, loop)
             layer_past = past.get(slot) if past is not None else None
-            h, kv = self.layers[index](h, position_ids, attn_mask, layer_past)
+            h, kv = self.layers[index](h, position_ids, attn_mask, layer_past, present is not None)
             if present is not None:
                 present[slot] = kv
             return h
