@@ -221,6 +221,8 @@ class Trainer:
         self.step, self.tokens, self.flops, self.elapsed = 0, 0, 0.0, 0.0
         self.checkpoint: Path | None = None
         self._restored = False
+        self._progress_start = (0.0, 0)  # (time, step) this session's training began at, for the time estimate
+        self._last_progress = 0.0
 
     # ----------------------------------------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
