@@ -151,11 +151,11 @@ _PAGE = """<!DOCTYPE html>
   <div id="meta"></div>
 </header>
 <section id="controls">
-  <button id="first" title="first step (Home)">&#x23EE;</button>
+  <button id="first" title="first step (Home)">|&#x25C0;</button>
   <button id="prev" title="previous step (&#x2190;)">&#x25C0;</button>
-  <button id="play" title="play / pause (space)">&#x25B6;</button>
-  <button id="next" title="next step (&#x2192;)">&#x25B6;&#xFE0E;|</button>
-  <button id="last" title="last step (End)">&#x23ED;</button>
+  <button id="play" title="play / pause (space)">play</button>
+  <button id="next" title="next step (&#x2192;)">&#x25B6;</button>
+  <button id="last" title="last step (End)">&#x25B6;|</button>
   <input id="slider" type="range" min="0" value="0" aria-label="step">
   <span id="counter"></span>
   <label>colour <select id="colour">
@@ -195,9 +195,9 @@ h1 { font-size: 18px; margin: 0 0 4px; }
 .row { margin: 10px 0 14px; }
 .row-head { font-size: 12px; color: #444; margin-bottom: 3px; }
 .row-head .stopped { color: #a33; }
-.cells { display: flex; flex-wrap: wrap; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px;
-  line-height: 20px; }
-.cell { min-width: 9px; padding: 0 1px; margin: 0 1px 2px 0; border: 1px solid transparent; border-radius: 3px;
+.cells { display: flex; flex-wrap: wrap; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 15px;
+  line-height: 22px; }
+.cell { min-width: 10px; padding: 0 1px; margin: 0 1px 2px 0; border: 1px solid transparent; border-radius: 3px;
   white-space: pre; text-align: center; }
 .cell.fixed { color: #555; background: #eceef2; }
 .cell.mask { color: #9aa1ad; background: #f1f2f5; }
@@ -205,6 +205,7 @@ h1 { font-size: 18px; margin: 0 0 4px; }
 .cell.remasked-now { border: 1px dashed #d9534f; color: #d9534f; background: #fdecea; }
 .cell.was-remasked { border-bottom: 2px solid #d9534f; }
 .cell.special { font-size: 10px; color: #666; }
+.cell.space { color: #a0a6b2; }
 """
 
 _SCRIPT = r"""
@@ -219,7 +220,7 @@ let current = 0, timer = null;
 function piece(id) {
   const text = data.pieces[String(id)];
   if (text === undefined) return "?";
-  return text.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5");
+  return text.replace(/ /g, "\u00b7").replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5");
 }
 
 function describeMeta() {
@@ -302,6 +303,7 @@ function renderRows(rows) {
         const text = piece(id);
         cell.textContent = text;
         if (/^<\|.*\|>$/.test(text)) cell.classList.add("special");
+        if (/^\s+$/.test(data.pieces[String(id)])) cell.classList.add("space");
         tip += ` \u00b7 id ${id} ${JSON.stringify(text)}`;
         if (row.fixed[column]) { cell.classList.add("fixed"); tip += " \u00b7 given"; }
         else {
@@ -369,11 +371,17 @@ function buildTimeline() {
 
 function buildLegend() {
   const legend = $("legend");
-  const gradient = Array.from({ length: 7 }, (_, i) => `hsl(${230 - 230 * i / 6}, 75%, 60%)`).join(", ");
+  const stepColours = Array.from({ length: 7 }, (_, i) => `hsl(${230 - 230 * i / 6}, 75%, 60%)`).join(", ");
+  const confidence = "hsla(200, 75%, 55%, 0.12), hsla(200, 75%, 55%, 0.9)";
   legend.innerHTML = "";
-  const item = (html) => { const span = document.createElement("span"); span.innerHTML = html; legend.appendChild(span); };
-  item(`commit step: early <span class="swatch" style="background: linear-gradient(to right, ${gradient})"></span> late`);
-  item(`confidence: low <span class="swatch" style="background: linear-gradient(to right, hsla(200,75%,55%,0.12), hsla(200,75%,55%,0.9))"></span> high`);
+  const item = (html) => {
+    const span = document.createElement("span");
+    span.innerHTML = html;
+    legend.appendChild(span);
+  };
+  const swatch = (colours) => `<span class="swatch" style="background: linear-gradient(to right, ${colours})"></span>`;
+  item(`commit step: early ${swatch(stepColours)} late`);
+  item(`confidence: low ${swatch(confidence)} high`);
   item(`<span class="cell mask">\u2592</span> masked`);
   item(`<span class="cell remasked-now">\u21ba</span> re-masked this step`);
   item(`<span class="cell was-remasked">x</span> re-masked earlier`);
@@ -390,9 +398,9 @@ function go(step) {
 }
 
 function togglePlay() {
-  if (timer !== null) { clearInterval(timer); timer = null; $("play").innerHTML = "&#x25B6;"; return; }
+  if (timer !== null) { clearInterval(timer); timer = null; $("play").textContent = "play"; return; }
   if (current >= total) go(0);
-  $("play").innerHTML = "&#x23F8;";
+  $("play").textContent = "pause";
   timer = setInterval(() => { if (current >= total) togglePlay(); else go(current + 1); }, 350);
 }
 
