@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loopdlm.data.tasks import get_task
+from loopdlm.data.task_spec import get_task
 from loopdlm.data.tokenizers import CharTokenizer
 from loopdlm.diffusion.masked import MaskedDiffusion
 from loopdlm.diffusion.schedules import LogLinear

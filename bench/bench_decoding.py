@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import markdown_table, write_section  # noqa: E402
 
 from loopdlm.data.task_source import answer_canvas, encode_task, task_examples  # noqa: E402
-from loopdlm.data.tasks import Example, Task, decode_answers, get_task  # noqa: E402
+from loopdlm.data.task_spec import get_task  # noqa: E402
+from loopdlm.data.tasks import Example, Task, decode_answers  # noqa: E402
 from loopdlm.models.transformer import LoopedTransformer  # noqa: E402
 from loopdlm.sampling import SamplerSpec, sample  # noqa: E402
 from loopdlm.workflow import load_pretrained, resolve_device  # noqa: E402

@@ -30,7 +30,7 @@ from bench_decoding import TABLE_HEADER, Measurement, measure, paired_difference
 from report import markdown_table, write_section  # noqa: E402
 
 from loopdlm.data.task_source import encode_task, split_of, task_examples  # noqa: E402
-from loopdlm.data.tasks import get_task  # noqa: E402
+from loopdlm.data.task_spec import get_task  # noqa: E402
 from loopdlm.sampling import SamplerSpec  # noqa: E402
 from loopdlm.train.wino_plus import (  # noqa: E402
     RECORDING_SPEC,

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from loopdlm.cli import main
+from loopdlm.eval.denoising_viewer import embedded_document
 
 TINY = ["model.n_layers=3", "model.d_model=32", "model.n_heads=2", "model.core_start=1", "model.core_end=2",
         "model.max_loops=3", "data.seq_len=32", "train.steps=4", "train.batch_size=4", "train.eval_every=4",
@@ -128,6 +129,30 @@ def test_block_diffusion_run_generates_past_its_context(tmp_path, capsys):
     code, out, _ = run_cli(["eval", "--checkpoint", str(run), "--loops", "2", "--batches", "1", "--batch-size", "2",
                             "--json"], capsys)
     assert code == 0 and json.loads(out)[0]["nats_per_token"] > 0
+    # The viewer replays block after block.
+    code, _, err = run_cli(["sample", "--checkpoint", str(run), "--prompt", "row 1", "--length", "24", "--steps", "12",
+                            "--html", str(tmp_path / "bd.html"), "--trace", str(tmp_path / "bd.json")], capsys)
+    assert code == 0, err
+    document = embedded_document((tmp_path / "bd.html").read_text(encoding="utf-8"))
+    assert document == json.loads((tmp_path / "bd.json").read_text(encoding="utf-8"))
+    assert [s["append"] for s in document["steps"] if s["append"]] == [8] * (len({s["block"] for s in
+                                                                               document["steps"]}) - 1)
+
+
+def test_sample_writes_the_viewer_and_trace_after_printing_samples(trained_run, tmp_path, capsys):
+    _, run, _ = trained_run
+    page, trace = tmp_path / "view.html", tmp_path / "trace.json"
+    code, out, err = run_cli(["sample", "--checkpoint", str(run), "--prompt", "line 3", "--steps", "6",
+                              "--sampler", "wino", "--html", str(page), "--trace", str(trace)], capsys)
+    assert code == 0, err
+    document = embedded_document(page.read_text(encoding="utf-8"))
+    assert document == json.loads(trace.read_text(encoding="utf-8"))
+    printed = [chunk.split("\n", 1)[1][:-1] for chunk in out.split("--- sample ")[1:]]
+    assert document["meta"]["samples"] == printed and len(printed) == 2
+    code, out, err = run_cli(["sample", "--checkpoint", str(run), "--prompt", "line 3", "--steps", "6",
+                              "--html", str(tmp_path / "missing" / "view.html")], capsys)
+    assert code == 2 and "--- sample 1" in out
+    assert err.count("\n") == 1 and "folder" in err and "does not exist" in err
 
 
 def test_train_codd_then_sample_with_coupling(trained_run, tmp_path, capsys):
@@ -139,7 +164,8 @@ def test_train_codd_then_sample_with_coupling(trained_run, tmp_path, capsys):
     for extra in ([], ["--codd-any-order"]):
         code, out, _ = run_cli(["sample", "--checkpoint", str(run), "--prompt", "line 2", "--num-samples", "2",
                                 "--steps", "4", "--loops", "2", "--codd", str(layer), "--codd-gamma", "1.5",
-                                "--json", *extra], capsys)
+                                "--json", "--html", str(tmp_path / "codd.html"), *extra], capsys)
         assert code == 0
+        assert embedded_document((tmp_path / "codd.html").read_text(encoding="utf-8"))["meta"]["codd"] == str(layer)
         assert all(s.startswith("line 2") for s in json.loads(out)["samples"])
     expect_user_error(["sample", "--checkpoint", str(run), "--codd", str(tmp_path / "nope")], capsys, "nope")

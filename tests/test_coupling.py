@@ -10,7 +10,7 @@ from conftest import make_model
 from loopdlm.commands import train_codd
 from loopdlm.config import RunConfig
 from loopdlm.data.task_source import task_tokenizer
-from loopdlm.data.tasks import get_task
+from loopdlm.data.task_spec import get_task
 from loopdlm.diffusion.masked import MaskedDiffusion
 from loopdlm.diffusion.schedules import LogLinear
 from loopdlm.errors import UserError

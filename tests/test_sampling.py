@@ -24,12 +24,22 @@ def test_every_sampler_fills_every_slot_and_keeps_the_prompt(name, block_length)
     assert torch.equal(result.tokens[:, :3], canvas[:, :3])
     assert result.stats.forward_passes >= 1
     assert result.stats.core_applications.tolist() == [2.0 * p for p in result.stats.row_forward_passes.tolist()]
-    assert len(result.trace) == len(result.stats.committed_per_step) + 1
-    assert torch.equal(result.trace[0], canvas) and torch.equal(result.trace[-1], result.tokens)
-    masks_left = [int((state == MASK).sum()) for state in result.trace]
+    canvases = result.trace.canvases()
+    assert len(canvases) == len(result.stats.committed_per_step) + 1
+    assert torch.equal(canvases[0], canvas) and torch.equal(canvases[-1], result.tokens)
+    masks_left = [int((state == MASK).sum()) for state in canvases]
     committed = [before - after for before, after in zip(masks_left, masks_left[1:])]
     assert committed == result.stats.committed_per_step
     assert sum(result.stats.committed_per_step) == int((canvas == MASK).sum())
+    # The trace's per-step records agree with the canvases and the decode's accounting.
+    steps = result.trace.steps
+    assert [int(s.committed.sum()) for s in steps] == result.stats.committed_per_step
+    for before, step in zip(canvases, steps):
+        assert ((before == MASK) & (step.tokens != MASK)).equal(step.committed)
+        assert (step.confidence[step.committed] > 0).all() and (step.confidence[~step.committed] == 0).all()
+        assert not step.remasked.any() and (step.loops == 2 or not step.forward_pass)
+    assert sum(s.forward_pass for s in steps) == result.stats.forward_passes
+    assert torch.equal(sum(s.core_applications for s in steps), result.stats.core_applications)
 
 
 def test_infilling_keeps_given_tokens_anywhere():

@@ -16,7 +16,7 @@ from loopdlm.data.task_source import (
     task_from_source,
     task_tokenizer,
 )
-from loopdlm.data.tasks import get_task
+from loopdlm.data.task_spec import get_task
 from loopdlm.diffusion.masked import MaskedDiffusion
 from loopdlm.errors import UserError
 from loopdlm.eval.tasks import task_accuracy

@@ -7,17 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from loopdlm.data.file_tasks import GSM8KTask
+from loopdlm.data.task_spec import get_task
 from loopdlm.data.tasks import (
     AdditionTask,
     Example,
-    GSM8KTask,
     MultiplicationTask,
     SudokuTask,
     TaskBatch,
     decode_answers,
     encode_examples,
     extract_answer,
-    get_task,
 )
 from loopdlm.errors import UserError
 

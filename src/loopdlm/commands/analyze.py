@@ -8,7 +8,7 @@ import json
 import torch
 
 from loopdlm.data.task_source import TaskBatchSource, encode_task, task_examples, task_from_source
-from loopdlm.data.tasks import get_task
+from loopdlm.data.task_spec import get_task
 from loopdlm.errors import UserError
 from loopdlm.eval.attention import analyze_attention
 from loopdlm.workflow import CorpusBatchSource, checkpoint_corpus_split, load_pretrained, resolve_device

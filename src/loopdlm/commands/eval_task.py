@@ -6,8 +6,9 @@ import argparse
 import json
 
 from loopdlm.commands.sample import add_sampler_arguments, sampler_spec_from_args
+from loopdlm.data.file_tasks import FileTask
 from loopdlm.data.task_source import SPLITS, task_examples, task_from_source
-from loopdlm.data.tasks import get_task
+from loopdlm.data.task_spec import get_task
 from loopdlm.errors import UserError
 from loopdlm.eval.tasks import task_accuracy
 from loopdlm.workflow import load_pretrained, resolve_device
@@ -19,9 +20,10 @@ def register(subparsers) -> None:
                                    conflict_handler="resolve")
     parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     parser.add_argument("--task", default=None, help="task spec (default: the one the checkpoint was trained on)")
-    parser.add_argument("--n", type=int, default=200, help="number of distinct problems")
+    parser.add_argument("--n", type=int, default=None, help="number of distinct problems (default 200; a task "
+                        "file: every problem of the split)")
     parser.add_argument("--split", choices=SPLITS, default="test", help="problems from this hash split (default test; "
-                        "'all' for a file that is a test set by itself, e.g. gsm8k:path=test.jsonl)")
+                        "'all' for a file that is a test set by itself, e.g. sudoku:path=test.txt)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="seeds both the problems and the sampler")
     parser.add_argument("--device", default="auto")
@@ -42,7 +44,7 @@ def run(args) -> None:
     if task is None:
         raise UserError(f"checkpoint {loaded.path} was not trained on a task (data.source="
                         f"{loaded.config.data.source!r}); pass --task")
-    if args.n < 1:
+    if args.n is not None and args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
     if args.temperature is None:
         args.temperature = loaded.config.sample.temperature
@@ -51,7 +53,8 @@ def run(args) -> None:
     loops = args.loops or [None]
     if not loaded.model.config.core_layers:
         loops = loops[:1]  # a model without a core ignores S
-    examples = task_examples(task, args.n, args.seed, args.split, unique=True)
+    count = args.n if args.n is not None else (None if isinstance(task, FileTask) else 200)
+    examples = task_examples(task, count, args.seed, args.split, unique=True)
     reports = []
     for s in loops:
         spec = sampler_spec_from_args(argparse.Namespace(**{**vars(args), "loops": s}), loaded.config)
@@ -62,7 +65,7 @@ def run(args) -> None:
                            "sampler": spec.sampler, "steps": spec.steps} for spec, report in reports]))
         return
     spec = reports[0][0]
-    print(f"# {loaded.path} | {task.name}, {args.n} {args.split} problems | sampler={spec.sampler} "
+    print(f"# {loaded.path} | {task.name}, {len(examples)} {args.split} problems | sampler={spec.sampler} "
           f"steps={spec.steps} temperature={spec.temperature} policy={spec.loop_policy}")
     print(f"{'S':>4} {'accuracy':>9} {'+-':>6} {'NFE':>5} {'loops/row':>10} {'seconds':>8}")
     for spec, r in reports:

@@ -1,9 +1,14 @@
-"""`loopdlm eval`: the held-out NELBO bound of a checkpoint at several loop counts S."""
+"""`loopdlm eval`: the held-out NELBO bound of a checkpoint at several loop counts S.
+
+A checkpoint made by `finetune` is scored on its task's examples (answer tokens only, prompts always visible),
+the bound its validation reports; any other checkpoint on its corpus split.
+"""
 
 from __future__ import annotations
 
 import json
 
+from loopdlm.data.task_source import task_from_source, task_nelbo_batches
 from loopdlm.errors import UserError
 from loopdlm.eval.likelihood import likelihood_bound
 from loopdlm.workflow import (
@@ -42,15 +47,23 @@ def run(args) -> None:
         config.diffusion.block_size = args.block_size
     # reported likelihoods always use the unclipped noise interval
     config.diffusion.clip_low, config.diffusion.clip_high = 0.0, 1.0
-    dataset = checkpoint_corpus_split(config.data, loaded.tokenizer, args.split)
-    source = CorpusBatchSource(dataset, args.batch_size, seed=args.seed)
-    batches = [source.next_batch() for _ in range(min(args.batches, max(1, dataset.num_sequences // args.batch_size)))]
+    task = task_from_source(config.data.source)
+    if task is not None:
+        batches = task_nelbo_batches(task, loaded.tokenizer, args.split, args.batches * args.batch_size,
+                                     args.batch_size, args.seed)
+        scored = f"{task.name} answers"
+    else:
+        dataset = checkpoint_corpus_split(config.data, loaded.tokenizer, args.split)
+        source = CorpusBatchSource(dataset, args.batch_size, seed=args.seed)
+        batches = [source.next_batch()
+                   for _ in range(min(args.batches, max(1, dataset.num_sequences // args.batch_size)))]
+        scored = "tokens"
     objective = build_objective(config, loaded.tokenizer.mask_id)
     reports = [likelihood_bound(loaded.model, objective, batches, s, args.samples, args.seed) for s in loops]
     if args.json:
         print(json.dumps([r.as_dict() for r in reports]))
         return
-    print(f"# {loaded.path} | {args.split} split, {reports[0].tokens} tokens, K={args.samples}")
+    print(f"# {loaded.path} | {args.split} split, {reports[0].tokens} {scored}, K={args.samples}")
     print(f"{'S':>4} {'nats/token':>11} {'bits/token':>11} {'PPL <=':>9}")
     for r in reports:
         print(f"{r.loops:>4} {r.nats_per_token:>11.4f} {r.bits_per_token:>11.4f} {r.perplexity_bound:>9.3f}")

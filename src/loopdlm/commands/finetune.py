@@ -11,7 +11,8 @@ from loopdlm.data.task_source import (
     task_examples,
     task_tokenizer,
 )
-from loopdlm.data.tasks import get_task
+from loopdlm.data.file_tasks import FileTask
+from loopdlm.data.task_spec import get_task, portable_spec
 from loopdlm.data.tokenizers import load_tokenizer
 from loopdlm.errors import UserError
 from loopdlm.train.checkpoint import TOKENIZER_DIR, load_checkpoint_config, resolve_checkpoint
@@ -22,12 +23,15 @@ from loopdlm.workflow import absolute_paths, build_model, build_objective, set_t
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("finetune", help="train on task answers (answer-only masking)")
-    parser.add_argument("--task", required=True, help="task spec, e.g. sudoku4, add:digits=3, gsm8k:path=F")
+    parser.add_argument("--task", required=True, help="task spec, e.g. sudoku4, add:digits=3, gsm8k:path=F, "
+                        "jsonl:path=F,prompt=question,answer=answer[,verify=exact|number|sudoku], sudoku:path=F")
     parser.add_argument("--config", required=True, help=f"preset ({', '.join(available_presets())}) or YAML file")
     parser.add_argument("--init", default=None, help="start from this checkpoint's (EMA) weights; its model config "
                         "and tokenizer are used (same as train.init_from)")
-    parser.add_argument("--train-examples", type=int, default=20000, help="training examples (train split)")
-    parser.add_argument("--val-examples", type=int, default=256, help="distinct validation examples (val split)")
+    parser.add_argument("--train-examples", type=int, default=None,
+                        help="training examples (train split; default 20000, a task file: all of its train split)")
+    parser.add_argument("--val-examples", type=int, default=None,
+                        help="distinct validation examples (val split; default 256, a task file: all of its val split)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=500 model.max_loops=6")
     parser.set_defaults(func=run)
 
@@ -45,21 +49,31 @@ def run(args) -> None:
         apply_overrides(config, [o for o in args.overrides if o.startswith("model.")])
     else:
         tokenizer = task_tokenizer(task)
-    config.data.source = TASK_SOURCE_PREFIX + args.task
+    config.data.source = TASK_SOURCE_PREFIX + portable_spec(args.task)
     config.data.tokenizer = tokenizer.kind
-    config.data.seq_len = task.prompt_length + task.answer_length
-    if args.val_examples < 1 or args.train_examples < 1:
+    config.data.seq_len = sum(task.row_widths(tokenizer))
+    if any(count is not None and count < 1 for count in (args.train_examples, args.val_examples)):
         raise UserError("--train-examples and --val-examples must be >= 1")
+    # A task file gives all of its split by default; a generated task as many as asked.
+    from_file = isinstance(task, FileTask)
+    train_count = args.train_examples if args.train_examples is not None else (None if from_file else 20000)
+    val_count = args.val_examples if args.val_examples is not None else (None if from_file else 256)
 
     absolute_paths(config)
     dist = setup_distributed(config.train.device)
     set_torch_threads(config.train.threads)
     seed, batch = config.train.seed, config.train.batch_size
-    if args.train_examples < batch * dist.world_size:
-        raise UserError(f"--train-examples {args.train_examples} cannot fill a batch of {batch} x {dist.world_size}")
-    train_rows = encode_task(task, task_examples(task, args.train_examples, seed, "train"), tokenizer)
-    val_rows = encode_task(task, task_examples(task, args.val_examples, seed, "val", unique=True), tokenizer)
-    val_batch = max(1, min(batch, args.val_examples // dist.world_size))
+    train_examples = task_examples(task, train_count, seed, "train")
+    val_examples = task_examples(task, val_count, seed, "val", unique=True)
+    unanswered = sum(not e.answer for e in train_examples + val_examples)
+    if unanswered:
+        raise UserError(f"{unanswered} {task.name} examples have no answer (e.g. puzzles without a solution); "
+                        "finetune needs answers")
+    if len(train_examples) < batch * dist.world_size:
+        raise UserError(f"{len(train_examples)} training examples cannot fill a batch of {batch} x {dist.world_size}")
+    train_rows = encode_task(task, train_examples, tokenizer)
+    val_rows = encode_task(task, val_examples, tokenizer)
+    val_batch = max(1, min(batch, len(val_examples) // dist.world_size))
     model = build_model(config.model, tokenizer.vocab_size, seed=config.train.seed)
     objective = build_objective(config, tokenizer.mask_id)
     trainer = Trainer(config, model, objective,
@@ -68,7 +82,7 @@ def run(args) -> None:
                       config.train.out_dir, tokenizer=tokenizer, dist=dist)
     result = trainer.fit()
     if dist.is_main:
-        print(f"fine-tuned on {task.name} ({args.train_examples} examples, rows of {config.data.seq_len} tokens, "
+        print(f"fine-tuned on {task.name} ({len(train_examples)} examples, rows of {config.data.seq_len} tokens, "
               f"answer-only loss) for {result.step} steps -> {result.checkpoint}")
         for loops, values in sorted(result.eval_metrics.items()):
             print(f"  val S={loops}: {values['nats_per_token']:.4f} nats/answer token")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+from functools import partial
 
 import torch
 
 from loopdlm.errors import UserError
+from loopdlm.eval.denoising_viewer import block_trace_document, trace_document, write_trace_json, write_viewer
 from loopdlm.sampling import SELECTORS, SamplerSpec, prompt_canvas, sample
 from loopdlm.sampling.coupling import AnyOrderCoDDSelector, CoDDTransform, load_codd_layer
 from loopdlm.sampling.long_generation import sample_blocks
@@ -57,16 +60,15 @@ def _coupling(args, loaded, spec: SamplerSpec, device):
 
 
 def _sample_block_diffusion(loaded, rows: list[list[int]], spec: SamplerSpec, block_size: int, args, generator,
-                            transforms):
+                            transforms, record_trace: bool):
     """Block-by-block generation with the KV cache, past the training context if asked, stopping rows at EOS."""
-    if args.trace:
-        raise UserError("--trace is not available for block-diffusion generation")
     config = loaded.config
     length = args.length or config.data.seq_len
     if any(len(row) >= config.data.seq_len for row in rows):
         raise UserError(f"prompt leaves no room within the context of {config.data.seq_len} tokens")
     return sample_blocks(loaded.model, rows, loaded.tokenizer.mask_id, loaded.tokenizer.eos_id, spec, length,
-                         block_size, context_window=config.data.seq_len, generator=generator, transforms=transforms)
+                         block_size, context_window=config.data.seq_len, generator=generator, transforms=transforms,
+                         record_trace=record_trace)
 
 
 def register(subparsers) -> None:
@@ -78,7 +80,10 @@ def register(subparsers) -> None:
                         "block-diffusion models generate this many new tokens, also past the training context")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--trace", default=None, help="write the step-by-step trace as JSON to this file")
+    parser.add_argument("--trace", default=None, help="write the step-by-step trace as JSON to this file (the "
+                        "document the --html page embeds)")
+    parser.add_argument("--html", default=None, help="write a self-contained HTML page replaying the decode step by "
+                        "step to this file")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--codd", default=None, help="CoDD layer folder (from `loopdlm train-codd`) to couple "
                         "tokens committed together")
@@ -102,30 +107,47 @@ def run(args) -> None:
     rows = [ids for ids in prompts for _ in range(count)]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     transforms, wrap_selector = _coupling(args, loaded, spec, device)
+    record_trace = bool(args.trace or args.html)
     block_size = config.diffusion.block_size
+    meta = {"title": "loopdlm denoising viewer", "checkpoint": str(loaded.path),
+            "prompts": [tok.decode(row) for row in rows], "sampler": vars(spec), "codd": args.codd}
     if block_size is not None and block_size < config.data.seq_len:
         if wrap_selector is not None:
             raise UserError("--codd-any-order is not available for block-diffusion generation; drop it")
-        result = _sample_block_diffusion(loaded, rows, spec, block_size, args, generator, transforms)
+        result = _sample_block_diffusion(loaded, rows, spec, block_size, args, generator, transforms, record_trace)
         texts = [tok.decode(prompt + generated) for prompt, generated in zip(rows, result.sequences)]
+        meta["stop_reasons"] = result.stop_reasons
+        make_document = partial(block_trace_document, result.traces, result.prompt_padding, tok)
     else:
         length = args.length or config.data.seq_len
         if length > config.data.seq_len:
             raise UserError(f"--length {length} exceeds the training context of {config.data.seq_len} tokens "
                             "(only block-diffusion models generate past it)")
         canvas = prompt_canvas(rows, length, tok.mask_id, tok.pad_id).to(device)
-        result = sample(loaded.model, canvas, tok.mask_id, spec, generator, record_trace=args.trace is not None,
+        result = sample(loaded.model, canvas, tok.mask_id, spec, generator, record_trace=record_trace,
                         transforms=transforms, wrap_selector=wrap_selector)
         texts = [tok.decode(row.tolist()) for row in result.tokens]
-        if args.trace:
-            with open(args.trace, "w", encoding="utf-8") as handle:
-                json.dump({"mask_id": tok.mask_id, "steps": [t.tolist() for t in result.trace]}, handle)
-    if args.json:
-        print(json.dumps({"samples": texts, "stats": result.stats.summary(), "sampler": vars(spec)}))
-        return
+        # The prompts' left padding is never shown.
+        make_document = partial(trace_document, result.trace, tok, canvas.cpu() == tok.pad_id)
     stats = result.stats.summary()
-    print(f"# sampler={spec.sampler} steps={spec.steps} loops={spec.loops or loaded.model.config.max_loops} "
-          f"policy={spec.loop_policy} | forward passes {stats['forward_passes']}, core applications/row "
-          f"{stats['core_applications']:.1f}, {stats['tokens_per_s']:.0f} tokens/s")
-    for index, text in enumerate(texts):
-        print(f"--- sample {index}\n{text}")
+    if args.json:
+        print(json.dumps({"samples": texts, "stats": stats, "sampler": vars(spec)}))
+    else:
+        print(f"# sampler={spec.sampler} steps={spec.steps} loops={spec.loops or loaded.model.config.max_loops} "
+              f"policy={spec.loop_policy} | forward passes {stats['forward_passes']}, core applications/row "
+              f"{stats['core_applications']:.1f}, {stats['tokens_per_s']:.0f} tokens/s")
+        for index, text in enumerate(texts):
+            print(f"--- sample {index}\n{text}")
+    if record_trace:
+        # Side files come after the samples, so a bad path loses nothing already printed.
+        sys.stdout.flush()
+        meta.update(samples=texts, stats=stats, sampler_summary=f"sampler {spec.sampler}, steps {spec.steps}, "
+                    f"loops {spec.loops or loaded.model.config.max_loops} ({spec.loop_policy})"
+                    + (f", CoDD {args.codd}" if args.codd else ""),
+                    stats_summary=f"{stats['forward_passes']} forward passes, {stats['core_applications']:.1f} core "
+                    f"applications per row, {stats['remasked']} re-masked")
+        document = make_document(meta=meta)
+        if args.trace:
+            write_trace_json(args.trace, document)
+        if args.html:
+            write_viewer(args.html, document)

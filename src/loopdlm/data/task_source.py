@@ -15,7 +15,9 @@ from typing import Any
 from torch import Tensor
 
 from loopdlm.data.corpus import SequenceSampler
-from loopdlm.data.tasks import Example, GSM8KTask, Task, TaskBatch, TokenizerLike, encode_examples, get_task
+from loopdlm.data.file_tasks import FileTask
+from loopdlm.data.task_spec import get_task
+from loopdlm.data.tasks import Example, Task, TaskBatch, TokenizerLike, encode_examples
 from loopdlm.data.tokenizers import CharTokenizer
 from loopdlm.errors import UserError
 
@@ -34,31 +36,40 @@ def split_of(prompt: str) -> str:
     return next(name for name, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
 
 
-def task_examples(task: Task, n: int, seed: int, split: str = "train", unique: bool = False) -> list[Example]:
+def task_examples(task: Task, n: int | None, seed: int, split: str = "train", unique: bool = False,
+                  allow_fewer: bool = False) -> list[Example]:
     """`n` examples of `task` whose prompts fall in `split`; deterministic in (seed, split).
 
-    Generated tasks are drawn in rounds from `task.generate` and filtered by `split_of`; file-backed GSM8K is
-    filtered from the whole file and shuffled. With `unique`, no prompt repeats (use it for evaluation sets).
-    'all' skips the filter (e.g. a GSM8K test file is a split by itself).
+    Generated tasks are drawn in rounds from `task.generate` and filtered by `split_of`; a file task's examples are
+    filtered from the whole file and shuffled (`n` None: all of them, in file order). With `unique`, no prompt
+    repeats (use it for evaluation sets). 'all' skips the filter (a file that is a test set by itself).
+    With `allow_fewer`, a split that runs out gives what it has instead of an error.
 
     Raises:
-        UserError: unknown split, n < 1, or a split too small to give n (distinct) examples.
+        UserError: unknown split, n < 1 (or None for a generated task), or a split too small to give n (distinct)
+            examples (without allow_fewer).
     """
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    if n < 1:
+    if n is None and not isinstance(task, FileTask):
+        raise UserError(f"task {task.name} generates its problems; say how many")
+    if n is not None and n < 1:
         raise UserError(f"need at least one example, got n={n}")
 
     def keep(example: Example) -> bool:
         return split == "all" or split_of(example.prompt) == split
 
-    if isinstance(task, GSM8KTask):
-        pool = [e for e in task.generate(None, seed) if keep(e)]
+    if isinstance(task, FileTask):
+        pool = [e for e in task.examples if keep(e)]
         if unique:
             pool = list({e.prompt: e for e in pool}.values())
-        if len(pool) < n:
+        if not pool:
+            raise UserError(f"{task.path} has no examples in split {split!r}; try --split all")
+        if n is None:
+            return pool
+        if len(pool) < n and not allow_fewer:
             raise UserError(f"{task.path} has {len(pool)} examples in split {split!r}, fewer than {n}")
-        return random.Random(seed).sample(pool, n)
+        return random.Random(seed).sample(pool, min(n, len(pool)))
 
     chosen: list[Example] = []
     seen: set[str] = set()
@@ -77,6 +88,8 @@ def task_examples(task: Task, n: int, seed: int, split: str = "train", unique: b
         stale = stale + 1 if fresh == 0 else 0
         if stale >= _STALE_ROUNDS:
             break
+    if allow_fewer and chosen:
+        return chosen
     raise UserError(f"task {task.name} gave only {len(chosen)} {'distinct ' if unique else ''}examples in split "
                     f"{split!r}, fewer than {n}; ask for fewer")
 
@@ -99,9 +112,19 @@ def task_from_source(source: str) -> Task | None:
 
 
 def encode_task(task: Task, examples: list[Example], tokenizer: TokenizerLike) -> TaskBatch:
-    """Rows `[left-padded prompt | answer + eos fill]` with the task's fixed widths (prompt_length, answer_length),
-    so every batch of one task has the same layout. tokens LongTensor [N, P + A] on CPU."""
-    return encode_examples(examples, tokenizer, task.prompt_length, task.answer_length)
+    """Rows `[left-padded prompt | answer + eos fill]` with the task's widths under `tokenizer`
+    (`Task.row_widths`), so every batch of one task has the same layout. tokens LongTensor [N, P + A] on CPU."""
+    return encode_examples(examples, tokenizer, *task.row_widths(tokenizer))
+
+
+def task_nelbo_batches(task: Task, tokenizer: TokenizerLike, split: str, count: int, batch_size: int, seed: int
+                       ) -> list[tuple[Tensor, Tensor]]:
+    """Up to `count` distinct examples of `split` as (x0 int64 [B, P + A], noisable bool [B, P + A]) batches that
+    noise and score the answer region only: what `finetune` validates on, for a likelihood bound."""
+    rows = encode_task(task, task_examples(task, count, seed, split, unique=True, allow_fewer=True), tokenizer)
+    noisable = ~rows.prompt_mask
+    return [(rows.tokens[start:start + batch_size], noisable[start:start + batch_size])
+            for start in range(0, rows.tokens.shape[0], batch_size)]
 
 
 class TaskBatchSource:
@@ -145,4 +168,4 @@ def answer_canvas(rows: TaskBatch, mask_id: int) -> Tensor:
 
 
 __all__ = ["SPLITS", "TASK_SOURCE_PREFIX", "TaskBatchSource", "answer_canvas", "encode_task", "split_of",
-           "task_examples", "task_from_source", "task_tokenizer"]
+           "task_examples", "task_from_source", "task_nelbo_batches", "task_tokenizer"]

@@ -3,12 +3,12 @@
 A task makes `Example(prompt, answer)` pairs and checks a predicted answer against the prompt alone (sudoku rules,
 recomputed arithmetic, the GSM8K reference number), so accuracy never depends on matching one gold string.
 `encode_examples` lays examples out as `[left-padded prompt | answer + eos fill]` so every row's answer starts at
-the same column; `decode_answers` reads that region back.
+the same column; `decode_answers` reads that region back. Tasks read from the user's files live in `file_tasks`,
+and `task_spec.get_task` builds any task from its spec string.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -16,8 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
-from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -56,6 +55,14 @@ class Task(ABC):
     @abstractmethod
     def alphabet(self) -> str:
         """Every character that can appear in a prompt or an answer, sorted, without repeats."""
+
+    def row_widths(self, tokenizer: TokenizerLike) -> tuple[int, int]:
+        """(P, A): the prompt and answer columns of this task's rows when encoded with `tokenizer`.
+
+        Generated tasks have fixed widths in characters, which a char tokenizer (one id per character) keeps;
+        file-backed tasks measure their examples in `tokenizer`'s tokens.
+        """
+        return self.prompt_length, self.answer_length
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,18 +241,26 @@ class SudokuTask(Task):
 
     def verify(self, example_prompt: str, predicted_answer: str) -> bool:
         """True when the prediction is a full valid grid (rows, columns, boxes) that keeps every given cell."""
-        cells = self.size * self.size
-        alphabet = self.alphabet()
-        if len(example_prompt) != cells or any(ch not in alphabet for ch in example_prompt):
-            raise UserError(f"not a sudoku{self.size} prompt: {example_prompt[:100]!r}")
-        answer = predicted_answer.strip()
-        digits = alphabet[1:]
-        if len(answer) != cells or any(ch not in digits for ch in answer):
-            return False
-        if any(given != "0" and given != ch for given, ch in zip(example_prompt, answer)):
-            return False
-        grid = [int(ch) for ch in answer]
-        return _search_solutions(grid, self.size, limit=1)[0] == 1
+        return verify_sudoku(self.size, example_prompt, predicted_answer)
+
+
+def verify_sudoku(size: int, puzzle: str, predicted_answer: str) -> bool:
+    """True when `predicted_answer` (surrounding whitespace ignored) is a full valid size x size grid that keeps
+    every given cell of `puzzle` (row-major digits, '0' = blank).
+
+    Raises:
+        UserError: `puzzle` is not a size x size grid of digits 0..size.
+    """
+    cells = size * size
+    alphabet = "".join(str(d) for d in range(size + 1))
+    if len(puzzle) != cells or any(ch not in alphabet for ch in puzzle):
+        raise UserError(f"not a sudoku{size} prompt: {puzzle[:100]!r}")
+    answer = predicted_answer.strip()
+    if len(answer) != cells or any(ch not in alphabet[1:] for ch in answer):
+        return False
+    if any(given != "0" and given != ch for given, ch in zip(puzzle, answer)):
+        return False
+    return _search_solutions([int(ch) for ch in answer], size, limit=1)[0] == 1
 
 
 def _grid_to_text(grid: list[int]) -> str:
@@ -333,7 +348,7 @@ class MultiplicationTask(_BinaryArithmeticTask):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GSM8K
+# Numeric answers (GSM8K and jsonl tasks with verify=number, see file_tasks)
 # ----------------------------------------------------------------------------------------------------------------
 
 # A number: optional sign (only when not glued to a preceding word/number, so "16-3" yields 16 and 3), digits with an
@@ -370,114 +385,6 @@ def extract_answer(text: str) -> str | None:
             return _normalise_number(after.group())
     numbers = _NUMBER.findall(cleaned)
     return _normalise_number(numbers[-1]) if numbers else None
-
-
-class GSM8KTask(Task):
-    """Grade-school math word problems read from a `{"question", "answer"}` jsonl file (the GSM8K format).
-
-    Prompt: the question. Gold answer: the full worked solution ending in '#### <number>'. `verify` compares the
-    number extracted from the prediction with the reference number for that question, so a prediction may be a
-    whole solution or just the number.
-    """
-
-    name = "gsm8k"
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.examples = _load_gsm8k(self.path)
-        self._reference = {}
-        for example in self.examples:
-            self._reference.setdefault(example.prompt, set()).add(extract_answer(example.answer))
-        self.prompt_length = max(len(e.prompt) for e in self.examples)
-        self.answer_length = max(len(e.answer) for e in self.examples)
-
-    def alphabet(self) -> str:
-        """Every character of the loaded questions and answers."""
-        return "".join(sorted({ch for e in self.examples for ch in e.prompt + e.answer}))
-
-    def generate(self, n: int | None, seed: int) -> list[Example]:
-        """`n` examples sampled without replacement (deterministic in `seed`); all, in file order, if `n` is None."""
-        if n is None:
-            return list(self.examples)
-        if n > len(self.examples):
-            raise UserError(f"asked for {n} GSM8K examples but {self.path} has {len(self.examples)}")
-        return random.Random(seed).sample(self.examples, n)
-
-    def verify(self, example_prompt: str, predicted_answer: str) -> bool:
-        """True when the prediction's extracted number equals the reference number of this question."""
-        reference = self._reference.get(example_prompt)
-        if reference is None:
-            raise UserError(f"question not in {self.path}: {example_prompt[:80]!r}")
-        predicted = extract_answer(predicted_answer)
-        return predicted is not None and predicted in reference
-
-
-def _load_gsm8k(path: Path) -> list[Example]:
-    """Parse a GSM8K jsonl file; blank lines are skipped, anything malformed raises UserError with its line."""
-    if not path.is_file():
-        raise UserError(f"GSM8K file not found: {path}")
-    examples = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}:{line_number}: invalid JSON ({error.msg})") from None
-            if not (isinstance(row, dict) and isinstance(row.get("question"), str)
-                    and isinstance(row.get("answer"), str)):
-                raise UserError(f"{path}:{line_number}: expected an object with string 'question' and 'answer'")
-            examples.append(Example(row["question"], row["answer"]))
-    if not examples:
-        raise UserError(f"GSM8K file has no examples: {path}")
-    return examples
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Registry
-# ----------------------------------------------------------------------------------------------------------------
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes"):
-        return True
-    if lowered in ("0", "false", "no"):
-        return False
-    raise ValueError(text)
-
-
-# name -> (factory, {option: parser}); options are passed to the factory as keyword arguments.
-_TASKS: dict[str, tuple[Callable[..., Task], dict[str, Callable[[str], object]]]] = {
-    "sudoku4": (lambda givens=6, unique=True: SudokuTask(4, givens, unique), {"givens": int, "unique": _parse_bool}),
-    "sudoku9": (lambda givens=30, unique=True: SudokuTask(9, givens, unique), {"givens": int, "unique": _parse_bool}),
-    "add": (AdditionTask, {"digits": int, "reverse": _parse_bool}),
-    "mul": (MultiplicationTask, {"digits": int, "reverse": _parse_bool}),
-    "gsm8k": (GSM8KTask, {"path": str}),
-}
-_OPTION_TO_ARGUMENT = {"reverse": "reverse_answer"}
-
-
-def get_task(spec: str) -> Task:
-    """Build a task from "name[:key=value,...]", e.g. "sudoku4", "sudoku9:givens=30", "add:digits=3,reverse=true",
-    "mul:digits=2", "gsm8k:path=/x/train.jsonl" (gsm8k requires path)."""
-    name, _, options_text = spec.partition(":")
-    if name not in _TASKS:
-        raise UserError(f"unknown task {name!r} in {spec!r}; valid tasks: {', '.join(_TASKS)}")
-    factory, parsers = _TASKS[name]
-    kwargs = {}
-    for option in filter(None, options_text.split(",")):
-        key, equals, value = option.partition("=")
-        if key not in parsers or not equals:
-            raise UserError(f"bad option {option!r} for task {name}; valid options: "
-                            f"{', '.join(f'{k}=...' for k in parsers)}")
-        try:
-            kwargs[_OPTION_TO_ARGUMENT.get(key, key)] = parsers[key](value)
-        except ValueError:
-            raise UserError(f"bad value {value!r} for option {key} of task {name}") from None
-    if name == "gsm8k" and "path" not in kwargs:
-        raise UserError("task gsm8k needs a file: gsm8k:path=/path/to/train.jsonl")
-    return factory(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

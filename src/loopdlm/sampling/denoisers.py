@@ -25,9 +25,10 @@ class ModelDenoiser:
     @torch.no_grad()
     def __call__(self, tokens: Tensor, window: slice, progress: float) -> DenoiserOutputs:
         """tokens int64 [B, L] -> DenoiserOutputs with log_probs float32 [B, W, V]."""
-        out = self.model(tokens, loops=self.loop_policy.loops_for(progress), loop_exit=self.loop_policy.exit_rule)
+        loops = self.loop_policy.loops_for(progress)
+        out = self.model(tokens, loops=loops, loop_exit=self.loop_policy.exit_rule)
         return DenoiserOutputs(log_probs=subs_log_probs(out.logits[:, window], self.mask_id),
-                               core_applications=out.core_applications)
+                               core_applications=out.core_applications, loops=loops)
 
     def begin_window(self, tokens: Tensor, window: slice) -> None:
         pass

@@ -24,11 +24,13 @@ from loopdlm.errors import UserError
 @dataclass
 class DenoiserOutputs:
     """Log-probabilities for a window: log_probs float32 [B, W, V] (mask token at -inf), core_applications
-    float [B] (loop evaluations this pass), extras (e.g. 'shadow_log_probs' for revokable decoding)."""
+    float [B] (loop evaluations this pass), extras (e.g. 'shadow_log_probs' for revokable decoding), loops: the S
+    this pass was run with (an adaptive policy's cap; 0 when the denoiser has no loop policy)."""
 
     log_probs: Tensor
     core_applications: Tensor
     extras: dict[str, Tensor] = field(default_factory=dict)
+    loops: int = 0
 
 
 class Denoiser(Protocol):
@@ -123,12 +125,46 @@ class SampleStats:
 
 
 @dataclass
+class TraceStep:
+    """One step of a decode, over the whole canvas (CPU tensors; B rows, L columns).
+
+    tokens int64 [B, L]: x_t after the step; committed bool [B, L]: slots filled this step; confidence float32
+    [B, L]: probability of each committed token under the distribution it was drawn from (after logit transforms;
+    0 where nothing was committed); remasked bool [B, L]: committed slots revoked this step (WINO); window: the
+    columns being decoded; loops: the S of the forward pass the step read (see `DenoiserOutputs.loops`);
+    forward_pass: False when the step reused the previous pass because x_t had not changed; core_applications
+    float [B]: loop evaluations run for each row in this step (0 for a reused pass or a row with nothing left).
+    """
+
+    tokens: Tensor
+    committed: Tensor
+    confidence: Tensor
+    remasked: Tensor
+    window: slice
+    loops: int
+    forward_pass: bool
+    core_applications: Tensor
+
+
+@dataclass
+class DecodeTrace:
+    """The canvas before the first step (initial int64 [B, L], CPU) and every step after it."""
+
+    initial: Tensor
+    steps: list[TraceStep] = field(default_factory=list)
+
+    def canvases(self) -> list[Tensor]:
+        """x_t before the first step and after every step: len(steps) + 1 tensors int64 [B, L]."""
+        return [self.initial] + [step.tokens for step in self.steps]
+
+
+@dataclass
 class SampleResult:
-    """tokens int64 [B, L] with every editable slot filled; stats; trace: x_t after each step (CPU, [B, L])."""
+    """tokens int64 [B, L] with every editable slot filled; stats; trace: the step-by-step record (when asked)."""
 
     tokens: Tensor
     stats: SampleStats
-    trace: list[Tensor] | None = None
+    trace: DecodeTrace | None = None
 
 
 def gumbel_candidates(log_probs: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
@@ -202,7 +238,7 @@ def generate(
     stats = SampleStats(row_forward_passes=torch.zeros(batch, dtype=torch.long, device=tokens.device),
                         core_applications=torch.zeros(batch, device=tokens.device),
                         generated_tokens=int(editable.sum()))
-    trace: list[Tensor] | None = [tokens.to("cpu", copy=True)] if record_trace else None
+    trace = DecodeTrace(tokens.to("cpu", copy=True)) if record_trace else None
     total_editable = editable.sum().clamp(min=1)
 
     for start in range(first, length, width):
@@ -217,13 +253,16 @@ def generate(
         while (tokens[:, window] == mask_id).any():
             if step >= guard:
                 raise RuntimeError(f"sampler made no progress within {guard} steps in window {window}")
-            if cached is None or not reuse_unchanged:
+            forward_pass = cached is None or not reuse_unchanged
+            if forward_pass:
                 progress = float(1 - (tokens == mask_id).sum() / total_editable)
                 cached = denoiser(tokens, window, progress)
                 stats.forward_passes += 1
                 has_masks = (tokens[:, window] == mask_id).any(dim=1)
                 stats.row_forward_passes += has_masks.long()
-                stats.core_applications += cached.core_applications * has_masks
+                step_core = cached.core_applications * has_masks
+                stats.core_applications += step_core
+            pass_loops = cached.loops
             window_tokens = tokens[:, window]
             selectable = window_tokens == mask_id
             log_probs = cached.log_probs
@@ -238,6 +277,7 @@ def generate(
             commit = decision.commit & selectable
             chosen = decision.tokens if decision.tokens is not None else candidates
             updated = torch.where(commit, chosen, window_tokens)
+            remask = torch.zeros_like(commit)
             if decision.remask is not None:
                 remask = decision.remask & win_editable & ~selectable
                 updated = torch.where(remask, torch.full_like(updated, mask_id), updated)
@@ -247,9 +287,28 @@ def generate(
                 cached = None
             stats.committed_per_step.append(int(commit.sum()))
             if trace is not None:
-                trace.append(tokens.to("cpu", copy=True))
+                chosen_confidence = log_probs.gather(-1, chosen[..., None]).squeeze(-1).exp()
+                trace.steps.append(_trace_step(tokens, window, commit, chosen_confidence, remask, pass_loops,
+                                               forward_pass, step_core if forward_pass else None))
             step += 1
         denoiser.end_window(tokens, window)
 
     stats.wall_time = time.perf_counter() - start_time
     return SampleResult(tokens=tokens, stats=stats, trace=trace)
+
+
+def _trace_step(tokens: Tensor, window: slice, commit: Tensor, confidence: Tensor, remask: Tensor, loops: int,
+                forward_pass: bool, core_applications: Tensor | None) -> TraceStep:
+    """A TraceStep on CPU from window-local commit / confidence / remask [B, W] and the canvas tokens [B, L]."""
+
+    def on_canvas(values: Tensor) -> Tensor:
+        full = torch.zeros(tokens.shape, dtype=values.dtype)
+        full[:, window] = values.cpu()
+        return full
+
+    committed = on_canvas(commit)
+    return TraceStep(tokens=tokens.to("cpu", copy=True), committed=committed,
+                     confidence=on_canvas(confidence.float()) * committed, remasked=on_canvas(remask), window=window,
+                     loops=loops, forward_pass=forward_pass,
+                     core_applications=(core_applications.float().cpu() if core_applications is not None
+                                        else torch.zeros(tokens.shape[0])))

@@ -262,7 +262,7 @@ class CachedBlockDenoiser:
         out = self.model(tokens[:, window], loops=loops, position_ids=self._positions(window.start, window.stop,
                          tokens.device), attn_mask=mask, past=self._past(), loop_exit=self.loop_policy.exit_rule)
         return DenoiserOutputs(log_probs=subs_log_probs(out.logits, self.mask_id),
-                               core_applications=out.core_applications)
+                               core_applications=out.core_applications, loops=loops)
 
     def end_window(self, tokens: Tensor, window: slice) -> None:
         """Append the committed window's clean keys/values."""
@@ -294,10 +294,10 @@ class UncachedBlockDenoiser:
         columns = torch.arange(window.stop, device=tokens.device)
         mask = attention_mask(block_causal_mask(columns, columns, self.block_size), 0,
                               padding_validity(self.padding, 0, window.stop))
-        out = self.model(tokens[:, :window.stop], loops=self.loop_policy.loops_for(progress), attn_mask=mask,
-                         loop_exit=self.loop_policy.exit_rule)
+        loops = self.loop_policy.loops_for(progress)
+        out = self.model(tokens[:, :window.stop], loops=loops, attn_mask=mask, loop_exit=self.loop_policy.exit_rule)
         return DenoiserOutputs(log_probs=subs_log_probs(out.logits[:, window], self.mask_id),
-                               core_applications=out.core_applications)
+                               core_applications=out.core_applications, loops=loops)
 
     def begin_window(self, tokens: Tensor, window: slice) -> None:
         if window.start % self.block_size or window.stop - window.start > self.block_size:

@@ -20,7 +20,7 @@ from torch import Tensor
 from loopdlm.errors import UserError
 from loopdlm.models.transformer import LoopedTransformer
 from loopdlm.sampling import SamplerSpec, build_loop_policy, build_selector
-from loopdlm.sampling.engine import SampleStats, generate
+from loopdlm.sampling.engine import DecodeTrace, SampleStats, generate
 from loopdlm.sampling.kv_cache import CacheOptions, CachedBlockDenoiser
 from loopdlm.sampling.wino import CachedWinoDenoiser
 
@@ -83,14 +83,27 @@ class RepetitionStop:
 
 
 @dataclass
+class BlockTrace:
+    """The decode of one block: rows: the original index of each row still generating; trace: the engine's
+    record over those rows' canvases int64 [len(rows), N] (prompt canvas, earlier blocks, this block)."""
+
+    rows: list[int]
+    trace: DecodeTrace
+
+
+@dataclass
 class LongGenerationResult:
     """sequences: generated token ids per row (prompt excluded, cut at the stop point); stop_reasons: the
     criterion name that stopped each row, or 'max_length'; stats: accounting over every block (row_forward_passes
-    and core_applications [B] in the original row order; generated_tokens counts kept tokens only)."""
+    and core_applications [B] in the original row order; generated_tokens counts kept tokens only); traces: one
+    BlockTrace per block, in order (when asked); prompt_padding bool [B, P]: the left-pad columns of the prompt
+    canvas, which hold a filler id that is never attended to."""
 
     sequences: list[list[int]]
     stop_reasons: list[str]
     stats: SampleStats = field(default_factory=SampleStats)
+    traces: list[BlockTrace] | None = None
+    prompt_padding: Tensor | None = None
 
 
 def block_prompt_canvas(prompts: list[list[int]], block_size: int, filler: int) -> tuple[Tensor, Tensor]:
@@ -112,7 +125,7 @@ def generate_long(model: LoopedTransformer, prompt_ids: list[list[int]], mask_id
                   spec: SamplerSpec | None = None, max_length: int = 1024, stop: tuple[StopCriterion, ...] = (),
                   context_window: int | None = None, steps_per_block: int | None = None,
                   generator: torch.Generator | None = None, cache_options: CacheOptions | None = None,
-                  transforms: tuple = ()) -> LongGenerationResult:
+                  transforms: tuple = (), record_trace: bool = False) -> LongGenerationResult:
     """Generate up to `max_length` tokens after each prompt, one block at a time, until every row has stopped.
 
     Args:
@@ -126,6 +139,7 @@ def generate_long(model: LoopedTransformer, prompt_ids: list[list[int]], mask_id
         steps_per_block: denoising steps per block (default L', i.e. about one token per forward pass).
         cache_options: reuse_last_loop / commit_loops; `context_window` above overrides its field.
         transforms: logit transforms for every block (e.g. CoDD coupling).
+        record_trace: keep every block's step-by-step trace (`LongGenerationResult.traces`).
     """
     if not prompt_ids:
         raise UserError("no prompts given")
@@ -145,6 +159,8 @@ def generate_long(model: LoopedTransformer, prompt_ids: list[list[int]], mask_id
     sequences: list[list[int]] = [[] for _ in range(rows)]
     reasons = ["max_length"] * rows
     active = list(range(rows))
+    traces: list[BlockTrace] | None = [] if record_trace else None
+    prompt_padding = padding.cpu()
     start_time = time.perf_counter()
     generated = 0
     while active and generated < max_length:
@@ -152,8 +168,10 @@ def generate_long(model: LoopedTransformer, prompt_ids: list[list[int]], mask_id
         tokens = torch.cat((tokens, torch.full((len(active), width), mask_id, dtype=torch.long, device=device)), 1)
         result = generate(denoiser, tokens, build_selector(spec, block_size), mask_id, block_length=block_size,
                           temperature=spec.temperature, top_p=spec.top_p, transforms=tuple(transforms),
-                          generator=generator, align_windows=True)
+                          generator=generator, align_windows=True, record_trace=record_trace)
         tokens = result.tokens
+        if traces is not None:
+            traces.append(BlockTrace(list(active), result.trace))
         _accumulate(stats, result.stats, torch.tensor(active, device=device))
         keep = []
         for position, (row, block) in enumerate(zip(active, tokens[:, -width:].tolist())):
@@ -175,7 +193,8 @@ def generate_long(model: LoopedTransformer, prompt_ids: list[list[int]], mask_id
         generated += width
     stats.wall_time = time.perf_counter() - start_time
     stats.generated_tokens = sum(len(s) for s in sequences)
-    return LongGenerationResult(sequences=sequences, stop_reasons=reasons, stats=stats)
+    return LongGenerationResult(sequences=sequences, stop_reasons=reasons, stats=stats, traces=traces,
+                                prompt_padding=prompt_padding)
 
 
 def _accumulate(total: SampleStats, part: SampleStats, rows: Tensor) -> None:
@@ -190,7 +209,7 @@ def _accumulate(total: SampleStats, part: SampleStats, rows: Tensor) -> None:
 def sample_blocks(model: LoopedTransformer, prompts: list[list[int]], mask_id: int, eos_id: int | None,
                   spec: SamplerSpec, length: int, block_size: int | None = None, context_window: int | None = None,
                   generator: torch.Generator | None = None, cache_options: CacheOptions | None = None,
-                  transforms: tuple = ()) -> LongGenerationResult:
+                  transforms: tuple = (), record_trace: bool = False) -> LongGenerationResult:
     """CLI entry: up to `length` tokens per prompt with a block-diffusion model, stopping rows at `eos_id`.
 
     `spec.steps` is the step budget for the whole `length` (split evenly over its blocks, as in `sample`);
@@ -203,4 +222,4 @@ def sample_blocks(model: LoopedTransformer, prompts: list[list[int]], mask_id: i
     stop = (EosStop(eos_id),) if eos_id is not None else ()
     return generate_long(model, prompts, mask_id, block_size, spec, max_length=length, stop=stop,
                          context_window=context_window, steps_per_block=steps_per_block, generator=generator,
-                         cache_options=cache_options, transforms=transforms)
+                         cache_options=cache_options, transforms=transforms, record_trace=record_trace)

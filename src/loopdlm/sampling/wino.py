@@ -124,11 +124,13 @@ class WinoDenoiser:
         batch, length = tokens.shape
         shadow = torch.full((batch, window.stop - window.start), self.mask_id, dtype=tokens.dtype,
                             device=tokens.device)
-        out = self.model(torch.cat((tokens, shadow), dim=1), loops=self.loop_policy.loops_for(progress),
-                         position_ids=position_ids, attn_mask=attn_mask, loop_exit=self.loop_policy.exit_rule)
+        loops = self.loop_policy.loops_for(progress)
+        out = self.model(torch.cat((tokens, shadow), dim=1), loops=loops, position_ids=position_ids,
+                         attn_mask=attn_mask, loop_exit=self.loop_policy.exit_rule)
         return DenoiserOutputs(log_probs=subs_log_probs(out.logits[:, window], self.mask_id),
                                core_applications=out.core_applications,
-                               extras={SHADOW_LOG_PROBS: subs_log_probs(out.logits[:, length:], self.mask_id)})
+                               extras={SHADOW_LOG_PROBS: subs_log_probs(out.logits[:, length:], self.mask_id)},
+                               loops=loops)
 
 
 class CachedWinoDenoiser(CachedBlockDenoiser):
@@ -161,7 +163,8 @@ class CachedWinoDenoiser(CachedBlockDenoiser):
                          past=self._past(), loop_exit=self.loop_policy.exit_rule)
         return DenoiserOutputs(log_probs=subs_log_probs(out.logits[:, :width], self.mask_id),
                                core_applications=out.core_applications,
-                               extras={SHADOW_LOG_PROBS: subs_log_probs(out.logits[:, width:], self.mask_id)})
+                               extras={SHADOW_LOG_PROBS: subs_log_probs(out.logits[:, width:], self.mask_id)},
+                               loops=loops)
 
 
 def accept_cap(masked: Tensor, fraction: float = 0.7, low: int = 5, high: int = 20) -> Tensor:
