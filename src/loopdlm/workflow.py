@@ -12,6 +12,7 @@ from loopdlm.config import DataConfig, RunConfig
 from loopdlm.data.corpus import Manifest, SequenceSampler, TokenDataset, load_manifest, prepare_corpus
 from loopdlm.data.sources import resolve_source
 from loopdlm.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
+from loopdlm.diffusion.loop_supervision import LoopSupervision
 from loopdlm.diffusion.masked import MaskedDiffusion
 from loopdlm.diffusion.schedules import make_schedule
 from loopdlm.errors import UserError
@@ -86,14 +87,19 @@ def build_model(model: ModelConfig, vocab_size: int, model_class: type[LoopedTra
 
 
 def build_objective(config: RunConfig, mask_id: int):
-    """MDLM when no block size (or one equal to the sequence length) is set, block diffusion otherwise."""
+    """MDLM when no block size (or one equal to the sequence length) is set, block diffusion otherwise; wrapped in
+    per-loop supervision when `diffusion.loop_supervision` > 0."""
     diffusion = config.diffusion
     block = diffusion.block_size
     if block is not None and block < config.data.seq_len:
         from loopdlm.diffusion.block import build_block_objective
 
-        return build_block_objective(diffusion, mask_id, config.data.seq_len)
-    return MaskedDiffusion(mask_id, make_schedule(diffusion.schedule, diffusion.eps), diffusion.antithetic)
+        objective = build_block_objective(diffusion, mask_id, config.data.seq_len)
+    else:
+        objective = MaskedDiffusion(mask_id, make_schedule(diffusion.schedule, diffusion.eps), diffusion.antithetic)
+    if diffusion.loop_supervision < 0:
+        raise UserError(f"diffusion.loop_supervision must be >= 0, got {diffusion.loop_supervision}")
+    return LoopSupervision(objective, diffusion.loop_supervision) if diffusion.loop_supervision else objective
 
 
 class CorpusBatchSource:
