@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 from torch.utils.checkpoint import checkpoint
 
 from loopdlm.models.layers import Block, PastKV, init_weights
@@ -153,10 +154,11 @@ class LoopedTransformer(nn.Module):
         )
         self.final_norm = nn.RMSNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        # Optional modules come last, so that the shared modules draw the same initial weights with them or without.
+        # Optional modules come last and draw nothing at construction, so that the shared modules get the same
+        # initial weights with them or without.
         self.loop_norm = nn.RMSNorm(config.d_model) if config.loop_norm else None
-        concat = config.injection_mode == "concat"
-        self.injection_adapter = nn.Linear(2 * config.d_model, config.d_model, bias=False) if concat else None
+        self.injection_adapter = (skip_init(nn.Linear, 2 * config.d_model, config.d_model, bias=False)
+                                  if config.injection_mode == "concat" else None)
         depth = config.effective_layers if config.init_depth == "effective" else config.n_layers
         init_weights(self, depth, zero_residual=config.residual_init == "zero")
         if self.injection_adapter is not None:
