@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,7 +32,8 @@ TASKS = {"sudoku4": "sudoku4-tiny", "shakespeare": "tiny-cpu"}
 PAPER = ["model.injection=none", "model.input_injection=false", "model.residual_init=default",
          "model.init_depth=stored", "model.loop_norm=false", "model.backprop_loops=0",
          "diffusion.loop_supervision=0.0", "train.loop_distribution=uniform", "train.clip_core_separately=false"]
-#: Named variants; "{half}" becomes half the number of updates.
+#: Named variants; "{half}" becomes half the number of updates, "{lr_half}" half the preset's learning rate and
+#: "{warmup_4x}" four times its warmup.
 VARIANTS = {
     "paper": [],
     "add": ["model.injection=add"],
@@ -45,6 +47,9 @@ VARIANTS = {
     "curriculum": ["train.loop_distribution=curriculum", "train.loop_curriculum_steps={half}"],
     "truncated": ["model.injection=add", "model.backprop_loops=2"],
     "clip-core": ["train.clip_core_separately=true"],
+    "no-clip": ["train.grad_clip=0"],
+    "lr-half": ["train.lr={lr_half}"],
+    "warmup-4x": ["train.warmup_steps={warmup_4x}"],
 }
 MDM_RUN = "mdm"
 SUMMARY = "summary.json"
@@ -70,9 +75,15 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to every run (before variants)")
     args = parser.parse_args()
 
-    variants = select_variants(args.variants, args.variant, args.steps)
-    # The jobs are subprocesses: make them run this checkout's library, whatever is installed.
+    # This process and its jobs run this checkout's library, whatever is installed.
+    sys.path.insert(0, str(REPO / "src"))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    from loopdlm.config import load_config
+
+    preset = load_config(TASKS[args.task], args.overrides).train
+    variants = select_variants(args.variants, args.variant, {"half": max(1, args.steps // 2),
+                                                              "lr_half": preset.lr / 2,
+                                                              "warmup_4x": 4 * preset.warmup_steps})
     root = REPO / args.root / args.task
     runs = plan_runs(args, variants, root)
     pending = [run for run in runs if not finished(run)]
@@ -87,8 +98,8 @@ def main() -> None:
     print(f"summary: {root / SUMMARY}; curves: {combined['plot']}")
 
 
-def select_variants(names: list[str], extra: list[str], steps: int) -> dict[str, list[str]]:
-    """{name: overrides} for the chosen built-in variants and the --variant ones."""
+def select_variants(names: list[str], extra: list[str], values: dict[str, object]) -> dict[str, list[str]]:
+    """{name: overrides} for the chosen built-in variants and the --variant ones, with `values` filled in."""
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)} or use --variant")
@@ -98,7 +109,7 @@ def select_variants(names: list[str], extra: list[str], steps: int) -> dict[str,
         if not sep or not name or name in (*chosen, MDM_RUN):
             raise SystemExit(f"--variant {item!r} must be NEW_NAME=section.key=value[,section.key=value...]")
         chosen[name] = overrides.split(",")
-    return {name: [o.format(half=max(1, steps // 2)) for o in overrides] for name, overrides in chosen.items()}
+    return {name: [o.format(**values) for o in overrides] for name, overrides in chosen.items()}
 
 
 def plan_runs(args, variants: dict[str, list[str]], root: Path) -> list[dict]:

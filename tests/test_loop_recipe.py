@@ -19,7 +19,7 @@ from loopdlm.models import LoopedTransformer, ModelConfig
 from loopdlm.sampling.engine import generate
 from loopdlm.sampling.kv_cache import CachedBlockDenoiser, UncachedBlockDenoiser
 from loopdlm.sampling.long_generation import block_prompt_canvas
-from loopdlm.sampling.loops import FixedLoops
+from loopdlm.sampling.loops import ConvergenceExit, FixedLoops
 from loopdlm.sampling.selectors import FixedScheduleSelector
 from loopdlm.train import loops_for_step, read_training_state, read_weights
 from loopdlm.train.clipping import clip_gradients, clip_groups
@@ -180,12 +180,16 @@ def test_concat_adapter_starts_as_the_identity_on_the_carry():
     torch.testing.assert_close(plain(tokens, loops=3).logits, concat(tokens, loops=3).logits)
 
 
-def test_flops_count_the_concat_adapter_once_per_loop():
+def test_flops_count_the_concat_adapter_once_per_loop_and_each_readout():
     plain, concat = make_model(), make_model(injection="concat")
     d = plain.config.d_model
     for loops in (1, 3):
         extra = concat.flops_per_token(8, loops, training=False) - plain.flops_per_token(8, loops, training=False)
         assert extra == loops * 2 * 2 * d * d
+    # A readout runs the coda (layer 3 of 4) and the head once more, forward and backward.
+    per_layer = 2 * (4 * d * d + 2 * d * 4 * d) + 4 * 8 * d
+    head = 2 * d * plain.config.vocab_size
+    assert plain.flops_per_token(8, 3, readouts=2) - plain.flops_per_token(8, 3) == 3 * 2 * (per_layer + head)
 
 
 # ------------------------------------------------------------------------------------------ truncated backprop
@@ -394,6 +398,20 @@ def test_cached_sampling_equals_uncached_with_every_option_on():
                         block_length=4, align_windows=True, generator=torch.Generator().manual_seed(0)).tokens
                for make in (CachedBlockDenoiser, UncachedBlockDenoiser)]
     assert (results[0] != 0).all() and torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@torch.no_grad()
+def test_early_exit_works_with_every_option_on(per_token):
+    model = make_model(vocab_size=VOCAB, **OPTIONS["all"])
+    tokens = torch.randint(0, VOCAB, (2, 9))
+    never = model(tokens, loops=4, loop_exit=ConvergenceExit(0.0, per_token))
+    assert torch.equal(never.logits, model(tokens, loops=4).logits)
+    at_once = model(tokens, loops=4, loop_exit=ConvergenceExit(1e9, per_token), return_hidden=True,
+                    return_loop_logits=True)
+    torch.testing.assert_close(at_once.logits, model(tokens, loops=1).logits)
+    assert len(at_once.loop_hidden) == len(at_once.loop_logits) == 1
+    assert at_once.core_applications.tolist() == [1.0, 1.0]
 
 
 def everything_on(config):

@@ -284,18 +284,20 @@ class LoopedTransformer(nn.Module):
         """Count of distinct trainable parameters (shared core weights counted once, tied head once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self, seq_len: int, loops: float, training: bool = True) -> float:
+    def flops_per_token(self, seq_len: int, loops: float, training: bool = True, readouts: int = 0) -> float:
         """Matmul FLOPs per token for one pass, counting the core `loops` times (may be fractional: an expectation).
 
         Per layer application: 2 * (4 d^2 + 2 d h) for the attention and MLP projections (h = MLP width) plus
         4 * L * d for attention scores and weighted values; the head adds 2 * d * V and a concat injection
-        adapter 2 * 2d * d per loop. Training multiplies by 3 (the backward pass costs twice the forward).
+        adapter 2 * 2d * d per loop; each of `readouts` extra predictions (after earlier loops) runs the coda and
+        the head again. Training multiplies by 3 (the backward pass costs twice the forward).
         """
         cfg = self.config
         d = cfg.d_model
         per_layer = 2 * (4 * d * d + 2 * d * int(cfg.mlp_ratio * d)) + 4 * seq_len * d
         applications = cfg.n_layers - cfg.core_layers + cfg.core_layers * loops
-        forward = applications * per_layer + 2 * d * cfg.vocab_size
+        applications += readouts * (cfg.n_layers - cfg.core_end)
+        forward = applications * per_layer + (1 + readouts) * 2 * d * cfg.vocab_size
         if self.injection_adapter is not None and cfg.core_layers:
             forward += loops * 2 * (2 * d) * d
         return forward * (3 if training else 1)

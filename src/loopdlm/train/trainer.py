@@ -264,7 +264,8 @@ class Trainer:
             # FLOPs are counted from what the model actually runs: an objective may feed longer rows than x0
             # (block diffusion runs [x_t ; x_0]).
             nonlocal flops
-            flops += self.model.flops_per_token(tokens.shape[1], loops, training=True) * tokens.numel()
+            readouts = loops - 1 if inputs.get("return_loop_logits") else 0
+            flops += self.model.flops_per_token(tokens.shape[1], loops, True, readouts) * tokens.numel()
             output = self.wrapped(tokens, loops=loops, **inputs)
             # Per-loop supervision asks for every loop's readout (return_loop_logits): [K, B, L, V].
             return torch.stack(output.loop_logits) if output.loop_logits else output.logits
