@@ -23,7 +23,7 @@ from loopdlm.sampling.loops import ConvergenceExit, FixedLoops
 from loopdlm.sampling.selectors import FixedScheduleSelector
 from loopdlm.train import loops_for_step, read_training_state, read_weights
 from loopdlm.train.clipping import clip_gradients, clip_groups
-from loopdlm.workflow import build_objective
+from loopdlm.workflow import build_objective, build_training_objective
 from test_train import MASK_ID, InterruptAfter, make_trainer, random_corpus, run_config, train_records
 
 VOCAB = 23
@@ -298,16 +298,17 @@ def test_loop_supervision_is_the_weighted_sum_of_per_loop_nelbos_on_the_same_noi
                          by_hand(1).nll_sum)  # S = 1 has no earlier loop
 
 
-def test_loop_supervision_delegates_the_bound_and_is_built_from_the_config():
+def test_loop_supervision_delegates_the_bound_and_is_built_for_training_only():
     config = RunConfig()
     config.diffusion.loop_supervision = 0.5
-    objective = build_objective(config, mask_id=3)
+    objective = build_training_objective(config, mask_id=3)
     assert isinstance(objective, LoopSupervision) and objective.weight == 0.5 and objective.mask_id == 3
+    assert isinstance(build_objective(config, mask_id=3), MaskedDiffusion)  # evaluation scores the final loop
     config.diffusion.loop_supervision = 0.0
-    assert isinstance(build_objective(config, mask_id=3), MaskedDiffusion)
+    assert isinstance(build_training_objective(config, mask_id=3), MaskedDiffusion)
     config.diffusion.loop_supervision = -1.0
     with pytest.raises(UserError, match="loop_supervision"):
-        build_objective(config, mask_id=3)
+        build_training_objective(config, mask_id=3)
     model = make_model(vocab_size=VOCAB)
     x0 = torch.randint(0, VOCAB - 1, (4, 12))
     plain = MaskedDiffusion(VOCAB - 1).bound(trainer_denoiser(model, 2), x0, torch.Generator().manual_seed(0))

@@ -87,19 +87,25 @@ def build_model(model: ModelConfig, vocab_size: int, model_class: type[LoopedTra
 
 
 def build_objective(config: RunConfig, mask_id: int):
-    """MDLM when no block size (or one equal to the sequence length) is set, block diffusion otherwise; wrapped in
-    per-loop supervision when `diffusion.loop_supervision` > 0."""
+    """The scoring objective: MDLM when no block size (or one equal to the sequence length) is set, block
+    diffusion otherwise."""
     diffusion = config.diffusion
     block = diffusion.block_size
     if block is not None and block < config.data.seq_len:
         from loopdlm.diffusion.block import build_block_objective
 
-        objective = build_block_objective(diffusion, mask_id, config.data.seq_len)
-    else:
-        objective = MaskedDiffusion(mask_id, make_schedule(diffusion.schedule, diffusion.eps), diffusion.antithetic)
-    if diffusion.loop_supervision < 0:
-        raise UserError(f"diffusion.loop_supervision must be >= 0, got {diffusion.loop_supervision}")
-    return LoopSupervision(objective, diffusion.loop_supervision) if diffusion.loop_supervision else objective
+        return build_block_objective(diffusion, mask_id, config.data.seq_len)
+    return MaskedDiffusion(mask_id, make_schedule(diffusion.schedule, diffusion.eps), diffusion.antithetic)
+
+
+def build_training_objective(config: RunConfig, mask_id: int):
+    """`build_objective`, wrapped in per-loop supervision when `diffusion.loop_supervision` > 0 (its `bound`, the
+    reported NELBO, stays the scoring objective's)."""
+    weight = config.diffusion.loop_supervision
+    if weight < 0:
+        raise UserError(f"diffusion.loop_supervision must be >= 0, got {weight}")
+    objective = build_objective(config, mask_id)
+    return LoopSupervision(objective, weight) if weight else objective
 
 
 class CorpusBatchSource:

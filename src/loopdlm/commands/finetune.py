@@ -17,7 +17,7 @@ from loopdlm.errors import UserError
 from loopdlm.train.checkpoint import TOKENIZER_DIR, load_checkpoint_config, resolve_checkpoint
 from loopdlm.train.distributed import setup_distributed
 from loopdlm.train.trainer import Trainer
-from loopdlm.workflow import build_model, build_objective
+from loopdlm.workflow import build_model, build_training_objective
 
 
 def register(subparsers) -> None:
@@ -59,7 +59,7 @@ def run(args) -> None:
     val_rows = encode_task(task, task_examples(task, args.val_examples, seed, "val", unique=True), tokenizer)
     val_batch = max(1, min(batch, args.val_examples // dist.world_size))
     model = build_model(config.model, tokenizer.vocab_size)
-    objective = build_objective(config, tokenizer.mask_id)
+    objective = build_training_objective(config, tokenizer.mask_id)
     trainer = Trainer(config, model, objective,
                       TaskBatchSource(train_rows, batch, seed, dist.rank, dist.world_size),
                       TaskBatchSource(val_rows, val_batch, seed + 1, dist.rank, dist.world_size),

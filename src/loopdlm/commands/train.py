@@ -5,7 +5,8 @@ from __future__ import annotations
 from loopdlm.config import available_presets, load_config
 from loopdlm.train.distributed import setup_distributed
 from loopdlm.train.trainer import Trainer
-from loopdlm.workflow import build_model, build_objective, corpus_sources, prepare_data_distributed
+from loopdlm.workflow import (build_model, build_training_objective, corpus_sources,
+                              prepare_data_distributed)
 
 
 def register(subparsers) -> None:
@@ -21,7 +22,7 @@ def run(args) -> None:
     corpus = prepare_data_distributed(config.data, dist)
     tokenizer = corpus.tokenizer
     model = build_model(config.model, tokenizer.vocab_size)
-    objective = build_objective(config, tokenizer.mask_id)
+    objective = build_training_objective(config, tokenizer.mask_id)
     train_source, val_source = corpus_sources(corpus, config, dist)
     trainer = Trainer(config, model, objective, train_source, val_source, config.train.out_dir,
                       tokenizer_saver=tokenizer.save, dist=dist)
