@@ -58,7 +58,7 @@ def rms_norm(x, gain, eps):
 
 
 def unrolled_logits(model, tokens, loops, detach_before=None):
-    """Prelude, core repeated `loops` times with the configured carry norm and injection, coda; the carry entering
+    """Prelude, core repeated `loops` times with the configured injection and carry norm, coda; the carry entering
     loop `detach_before` (1-based) is cut from the graph, as truncated backprop must do."""
     cfg, d = model.config, model.config.d_model
     positions = torch.arange(tokens.shape[1])[None]
@@ -70,8 +70,6 @@ def unrolled_logits(model, tokens, loops, detach_before=None):
         if loop == detach_before:
             h = h.detach()
         x = h
-        if loop > 1 and cfg.loop_norm:
-            x = rms_norm(x, model.loop_norm.weight, model.loop_norm.eps or torch.finfo(x.dtype).eps)
         if cfg.injection_mode == "add" and loop > 1:
             x = x + e
         elif cfg.injection_mode == "concat":
@@ -79,6 +77,8 @@ def unrolled_logits(model, tokens, loops, detach_before=None):
             x = x @ weight[:, :d].T + e @ weight[:, d:].T
         for index in range(cfg.core_start, cfg.core_end):
             x = explicit_block(model.layers[index], x, positions)
+        if cfg.loop_norm:
+            x = rms_norm(x, model.loop_norm.weight, model.loop_norm.eps or torch.finfo(x.dtype).eps)
         h = x
     for index in range(cfg.core_end, cfg.n_layers):
         h = explicit_block(model.layers[index], h, positions)
@@ -137,6 +137,24 @@ def test_legacy_input_injection_is_injection_add():
 def test_bad_option_values_are_rejected(bad, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(vocab_size=VOCAB, core_start=1, core_end=2, **bad).validate()
+
+
+@pytest.mark.parametrize("loops", [1, 3])
+def test_every_parameter_gets_a_gradient_at_any_loop_count(loops):
+    """Data parallelism requires it: no option may leave a parameter unused on small-S steps."""
+    model = make_model(vocab_size=VOCAB, **OPTIONS["all"]).train()
+    model(torch.randint(0, VOCAB, (2, 9)), loops=loops).logits.square().mean().backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()] == []
+
+
+def test_loop_options_are_ignored_without_a_core():
+    plain = make_model(vocab_size=VOCAB, core=(0, 0), seed=12)
+    with_options = make_model(vocab_size=VOCAB, core=(0, 0), seed=13, injection="concat", loop_norm=True,
+                              backprop_loops=1)
+    assert list(plain.state_dict()) == list(with_options.state_dict())
+    with_options.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, VOCAB, (2, 9))
+    assert torch.equal(plain(tokens).logits, with_options(tokens).logits)
 
 
 # ------------------------------------------------------------------------------------------- initialisation

@@ -36,7 +36,9 @@ class ModelConfig:
     """Shape of the denoiser. `vocab_size` counts every token id, the mask token included.
 
     The loop-recipe options (injection, residual_init, init_depth, loop_norm, backprop_loops) are all off by
-    default; off, the model and its state dict are exactly those of the paper-faithful LoopMDM.
+    default; off, the model and its state dict are exactly those of the paper-faithful LoopMDM. The loop-only
+    ones (injection, loop_norm, backprop_loops) are ignored by a model without a core, so a plain MDM can share
+    the defaults.
     """
 
     vocab_size: int = 0
@@ -60,7 +62,8 @@ class ModelConfig:
         "help": "depth that scales the residual output projections' init std 0.02 / sqrt(2 * depth): stored "
                 "(n_layers) or effective (the core counted max_loops times)"})
     loop_norm: bool = field(default=False, metadata={
-        "help": "RMS-normalise the loop carry (own gain) before each re-entry into the core (loops 2..S)"})
+        "help": "RMS-normalise the core output after every loop (own gain), so the carry re-entering the core "
+                "and the state entering the coda are normalised (as Huginn's recurrent state)"})
     backprop_loops: int = field(default=0, metadata={
         "help": "truncated backprop: only the last k loops build a graph, earlier ones run under no_grad "
                 "(as Huginn); 0 = backpropagate through every loop. Needs an injection so the prelude keeps "
@@ -90,7 +93,7 @@ class ModelConfig:
                              f"injection={self.injection}")
         if self.backprop_loops < 0:
             raise ValueError(f"model.backprop_loops must be >= 0, got {self.backprop_loops}")
-        if self.backprop_loops and self.injection_mode == "none":
+        if self.backprop_loops and self.core_layers and self.injection_mode == "none":
             # Without injection the prelude (and embedding) reach the loss only through the first loop, which
             # truncation runs without a graph: they would stop learning whenever S > backprop_loops.
             raise ValueError("model.backprop_loops needs model.injection=add or concat")
@@ -155,10 +158,12 @@ class LoopedTransformer(nn.Module):
         self.final_norm = nn.RMSNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         # Optional modules come last and draw nothing at construction, so that the shared modules get the same
-        # initial weights with them or without.
-        self.loop_norm = nn.RMSNorm(config.d_model) if config.loop_norm else None
+        # initial weights with them or without. Each takes part in every forward pass (data parallelism needs
+        # every parameter to get a gradient on every step, whatever S).
+        looped = config.core_layers > 0
+        self.loop_norm = nn.RMSNorm(config.d_model) if config.loop_norm and looped else None
         self.injection_adapter = (skip_init(nn.Linear, 2 * config.d_model, config.d_model, bias=False)
-                                  if config.injection_mode == "concat" else None)
+                                  if config.injection_mode == "concat" and looped else None)
         depth = config.effective_layers if config.init_depth == "effective" else config.n_layers
         init_weights(self, depth, zero_residual=config.residual_init == "zero")
         if self.injection_adapter is not None:
@@ -239,6 +244,8 @@ class LoopedTransformer(nn.Module):
                         h = checkpoint(run_core, core_in, use_reentrant=False)
                     else:
                         h = run_core(core_in)
+                    if self.loop_norm is not None:
+                        h = self.loop_norm(h)
                     if active is not None:
                         h = torch.where(_broadcastable(active), h, previous)
                         core_applications += active.float().reshape(batch, -1).mean(dim=1)
@@ -263,10 +270,8 @@ class LoopedTransformer(nn.Module):
                               loop_logits=loop_logits, present=present)
 
     def _loop_input(self, h: Tensor, prelude_out: Tensor, loop: int) -> Tensor:
-        """What enters the core on loop `loop` (1-based): the carry h [B, L, D], normalised between loops when
-        `loop_norm`, combined with the prelude output [B, L, D] as `injection` says."""
-        if loop > 1 and self.loop_norm is not None:
-            h = self.loop_norm(h)
+        """What enters the core on loop `loop` (1-based): the carry h [B, L, D] combined with the prelude output
+        [B, L, D] as `injection` says."""
         mode = self.config.injection_mode
         if mode == "add" and loop > 1:
             return h + prelude_out
