@@ -11,7 +11,7 @@ import sys
 from loopdlm.config import load_config
 from loopdlm.data.corpus import TokenDataset
 from loopdlm.train.trainer import Trainer
-from loopdlm.workflow import CorpusBatchSource, build_model, build_objective, prepare_data
+from loopdlm.workflow import CorpusBatchSource, build_model, build_training_objective, prepare_data
 
 
 def main(preset: str, out_dir: str, overrides: list[str]) -> None:
@@ -22,8 +22,8 @@ def main(preset: str, out_dir: str, overrides: list[str]) -> None:
     train = CorpusBatchSource(TokenDataset(corpus.directory, "train", seq_len), batch, seed)
     # The validation stream does not depend on the training seed, so every run is scored on the same text.
     val = CorpusBatchSource(TokenDataset(corpus.directory, "val", seq_len), batch, 12345)
-    trainer = Trainer(config, model, build_objective(config, corpus.tokenizer.mask_id), train, val, out_dir,
-                      tokenizer=corpus.tokenizer)
+    objective = build_training_objective(config, corpus.tokenizer.mask_id)
+    trainer = Trainer(config, model, objective, train, val, out_dir, tokenizer=corpus.tokenizer)
     result = trainer.fit()
     print(f"{out_dir}: {result.step} steps, {model.num_parameters()} parameters, final eval {result.eval_metrics}")
 

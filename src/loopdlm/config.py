@@ -61,6 +61,14 @@ class TrainConfig:
     threads: int = field(default=0, metadata={"help": "torch CPU threads per process; 0 = OMP_NUM_THREADS when set, "
                                                       "else the cores not already busy (cores minus the 1-minute "
                                                       "load average, at least 1)"})
+    loop_distribution: str = field(default="uniform", metadata={
+        "help": "training loop count S per update: uniform (U{1..max_loops}), poisson_lognormal (Huginn's, "
+                "same mean, capped at max_loops) or curriculum (uniform up to a cap growing from 1 to max_loops)"})
+    loop_curriculum_steps: int = field(default=0, metadata={
+        "help": "updates over which the curriculum cap grows linearly from 1 to model.max_loops"})
+    clip_core_separately: bool = field(default=False, metadata={
+        "help": "clip the looped core's gradient on its own norm (and the other parameters on theirs), so "
+                "large-S steps, where the shared core's gradient is largest, do not shrink everyone's update"})
 
 
 @dataclass

@@ -15,6 +15,7 @@ from loopdlm.config import DataConfig, RunConfig
 from loopdlm.data.corpus import Manifest, SequenceSampler, TokenDataset, load_manifest, prepare_corpus
 from loopdlm.data.sources import resolve_source
 from loopdlm.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
+from loopdlm.diffusion.loop_supervision import LoopSupervision
 from loopdlm.diffusion.masked import MaskedDiffusion
 from loopdlm.diffusion.schedules import make_schedule
 from loopdlm.errors import UserError, os_error_text
@@ -147,7 +148,8 @@ def build_model(model: ModelConfig, vocab_size: int, model_class: type[LoopedTra
 
 
 def build_objective(config: RunConfig, mask_id: int):
-    """MDLM when no block size (or one equal to the sequence length) is set, block diffusion otherwise."""
+    """The scoring objective: MDLM when no block size (or one equal to the sequence length) is set, block
+    diffusion otherwise."""
     diffusion = config.diffusion
     block = diffusion.block_size
     if block is not None and block < config.data.seq_len:
@@ -155,6 +157,16 @@ def build_objective(config: RunConfig, mask_id: int):
 
         return build_block_objective(diffusion, mask_id, config.data.seq_len)
     return MaskedDiffusion(mask_id, make_schedule(diffusion.schedule, diffusion.eps), diffusion.antithetic)
+
+
+def build_training_objective(config: RunConfig, mask_id: int):
+    """`build_objective`, wrapped in per-loop supervision when `diffusion.loop_supervision` > 0 (its `bound`, the
+    reported NELBO, stays the scoring objective's)."""
+    weight = config.diffusion.loop_supervision
+    if weight < 0:
+        raise UserError(f"diffusion.loop_supervision must be >= 0, got {weight}")
+    objective = build_objective(config, mask_id)
+    return LoopSupervision(objective, weight) if weight else objective
 
 
 class CorpusBatchSource:

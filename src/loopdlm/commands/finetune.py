@@ -18,7 +18,7 @@ from loopdlm.errors import UserError
 from loopdlm.train.checkpoint import TOKENIZER_DIR, load_checkpoint_config, resolve_checkpoint
 from loopdlm.train.distributed import setup_distributed
 from loopdlm.train.trainer import Trainer
-from loopdlm.workflow import absolute_paths, build_model, build_objective, set_torch_threads
+from loopdlm.workflow import absolute_paths, build_model, build_training_objective, set_torch_threads
 
 
 def register(subparsers) -> None:
@@ -75,7 +75,7 @@ def run(args) -> None:
     val_rows = encode_task(task, val_examples, tokenizer)
     val_batch = max(1, min(batch, len(val_examples) // dist.world_size))
     model = build_model(config.model, tokenizer.vocab_size, seed=config.train.seed)
-    objective = build_objective(config, tokenizer.mask_id)
+    objective = build_training_objective(config, tokenizer.mask_id)
     trainer = Trainer(config, model, objective,
                       TaskBatchSource(train_rows, batch, seed, dist.rank, dist.world_size),
                       TaskBatchSource(val_rows, val_batch, seed + 1, dist.rank, dist.world_size),

@@ -11,7 +11,7 @@ from loopdlm.train.trainer import Trainer
 from loopdlm.workflow import (
     absolute_paths,
     build_model,
-    build_objective,
+    build_training_objective,
     corpus_sources,
     prepare_data_distributed,
     set_torch_threads,
@@ -39,7 +39,7 @@ def run(args) -> None:
     corpus = prepare_data_distributed(config.data, dist)
     tokenizer = corpus.tokenizer
     model = build_model(config.model, tokenizer.vocab_size, seed=config.train.seed)
-    objective = build_objective(config, tokenizer.mask_id)
+    objective = build_training_objective(config, tokenizer.mask_id)
     train_source, val_source = corpus_sources(corpus, config, dist)
     trainer = Trainer(config, model, objective, train_source, val_source, config.train.out_dir,
                       tokenizer=tokenizer, dist=dist)

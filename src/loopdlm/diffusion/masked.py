@@ -7,7 +7,7 @@ logits [B, L, V]; the trainer binds the loop count S into that callable.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -29,6 +29,9 @@ class DiffusionConfig:
     clip_low: float = 0.0
     clip_high: float = 1.0
     adaptive_clip: bool = False
+    loop_supervision: float = field(default=0.0, metadata={
+        "help": "per-loop (deep) supervision: training loss = final NELBO + this weight x the mean NELBO read "
+                "out after each earlier loop (same noise); 0 = off. Reported NELBOs stay the final loop's"})
 
 
 @dataclass

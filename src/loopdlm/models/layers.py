@@ -109,14 +109,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, d_model: int, n_heads: int, mlp_hidden: int, rope_theta: float):
+    gated: multiply each branch by a learnable per-channel gate [D] that starts at 0, so the block starts as the
+    identity (the adaLN-zero gates of DiT, without the conditioning); the gates get gradients from the first step.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, mlp_hidden: int, rope_theta: float, gated: bool = False):
         super().__init__()
         self.attn_norm = nn.RMSNorm(d_model)
         self.attn = Attention(d_model, n_heads, rope_theta)
         self.mlp_norm = nn.RMSNorm(d_model)
         self.mlp = MLP(d_model, mlp_hidden)
+        # Ungated blocks own no gate parameters, so their state dict (and old checkpoints) stay as they were.
+        self.attn_gate = nn.Parameter(torch.zeros(d_model)) if gated else None
+        self.mlp_gate = nn.Parameter(torch.zeros(d_model)) if gated else None
 
     def forward(
         self, x: Tensor, position_ids: Tensor, attn_mask: Tensor | None = None, past: PastKV | None = None,
@@ -125,14 +132,26 @@ class Block(nn.Module):
         """x [B, L, D] -> ([B, L, D], this application's (keys, values) or None); arguments as in
         `Attention.forward`."""
         attended, present = self.attn(self.attn_norm(x), position_ids, attn_mask, past, return_present)
-        x = x + attended
-        return x + self.mlp(self.mlp_norm(x)), present
+        x = x + (attended if self.attn_gate is None else self.attn_gate * attended)
+        update = self.mlp(self.mlp_norm(x))
+        return x + (update if self.mlp_gate is None else self.mlp_gate * update), present
 
 
-def init_weights(module: nn.Module, n_layers: int) -> None:
-    """GPT-2 style initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+#: Parameter-name endings of the projections that write into the residual stream.
+RESIDUAL_PROJECTIONS = ("out.weight", "down.weight")
+
+
+def init_weights(module: nn.Module, depth: int, zero_residual: bool = False) -> None:
+    """GPT-2 style initialisation: matrices N(0, 0.02), residual output projections N(0, 0.02 / sqrt(2 * depth))
+    (depth = the number of block applications the residual stream passes through), or exactly 0 when
+    `zero_residual` (every block then starts as the identity). Vectors (norm gains, gates) keep their values."""
     for name, param in module.named_parameters():
         if param.dim() < 2:
             continue
-        std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("out.weight", "down.weight")) else 0.02
-        nn.init.normal_(param, mean=0.0, std=std)
+        if name.endswith(RESIDUAL_PROJECTIONS):
+            if zero_residual:
+                nn.init.zeros_(param)
+            else:
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * depth))
+        else:
+            nn.init.normal_(param, mean=0.0, std=0.02)

@@ -7,12 +7,14 @@ The model knows nothing about diffusion: masks, positions and the loop count are
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 from torch.utils.checkpoint import checkpoint
 
 from loopdlm.models.layers import Block, PastKV, init_weights
@@ -21,9 +23,23 @@ from loopdlm.models.layers import Block, PastKV, init_weights
 LayerSlot = tuple[int, int]
 
 
+#: How the prelude output e re-enters the looped core (see `ModelConfig.injection`).
+INJECTIONS = ("none", "add", "concat")
+#: How residual branches start (see `ModelConfig.residual_init`).
+RESIDUAL_INITS = ("default", "zero", "gated")
+#: Which depth scales the residual-projection initialisation (see `ModelConfig.init_depth`).
+INIT_DEPTHS = ("stored", "effective")
+
+
 @dataclass
 class ModelConfig:
-    """Shape of the denoiser. `vocab_size` counts every token id, the mask token included."""
+    """Shape of the denoiser. `vocab_size` counts every token id, the mask token included.
+
+    The loop-recipe options (injection, residual_init, init_depth, loop_norm, backprop_loops) are all off by
+    default; off, the model and its state dict are exactly those of the paper-faithful LoopMDM. The loop-only
+    ones (injection, loop_norm, backprop_loops) are ignored by a model without a core, so a plain MDM can share
+    the defaults.
+    """
 
     vocab_size: int = 0
     n_layers: int = 6
@@ -33,7 +49,25 @@ class ModelConfig:
     core_start: int = 0
     core_end: int = 0
     max_loops: int = 1
-    input_injection: bool = False
+    input_injection: bool = field(default=False, metadata={
+        "help": "legacy spelling of injection=add (configs written before `injection` existed)"})
+    injection: str = field(default="none", metadata={
+        "help": "how the prelude output e re-enters the core: none; add (h + e before loops 2..S); concat "
+                "(Huginn's adapter Linear([h ; e]) -> d before every loop, starting as the identity on h)"})
+    residual_init: str = field(default="default", metadata={
+        "help": "residual branches at init: default (small random output projections); zero (attention-out "
+                "and MLP-down projections start at 0: every block starts as the identity); gated (a per-channel "
+                "gate on each branch, starting at 0, as DiT's adaLN-zero)"})
+    init_depth: str = field(default="stored", metadata={
+        "help": "depth that scales the residual output projections' init std 0.02 / sqrt(2 * depth): stored "
+                "(n_layers) or effective (the core counted max_loops times)"})
+    loop_norm: bool = field(default=False, metadata={
+        "help": "RMS-normalise the core output after every loop (own gain), so the carry re-entering the core "
+                "and the state entering the coda are normalised (as Huginn's recurrent state)"})
+    backprop_loops: int = field(default=0, metadata={
+        "help": "truncated backprop: only the last k loops build a graph, earlier ones run under no_grad "
+                "(as Huginn); 0 = backpropagate through every loop. Needs an injection so the prelude keeps "
+                "its gradient"})
     checkpoint_loops: bool = False
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
@@ -50,11 +84,34 @@ class ModelConfig:
             raise ValueError(f"model.max_loops must be >= 1, got {self.max_loops}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError("model.d_model / model.n_heads must be an even integer (RoPE rotates channel pairs)")
+        for name, allowed in (("injection", INJECTIONS), ("residual_init", RESIDUAL_INITS),
+                              ("init_depth", INIT_DEPTHS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.input_injection and self.injection not in ("none", "add"):
+            raise ValueError(f"model.input_injection=true means injection=add; it conflicts with "
+                             f"injection={self.injection}")
+        if self.backprop_loops < 0:
+            raise ValueError(f"model.backprop_loops must be >= 0, got {self.backprop_loops}")
+        if self.backprop_loops and self.core_layers and self.injection_mode == "none":
+            # Without injection the prelude (and embedding) reach the loss only through the first loop, which
+            # truncation runs without a graph: they would stop learning whenever S > backprop_loops.
+            raise ValueError("model.backprop_loops needs model.injection=add or concat")
 
     @property
     def core_layers(self) -> int:
         """Number of layers in the looped core (0 for a plain transformer)."""
         return self.core_end - self.core_start
+
+    @property
+    def injection_mode(self) -> str:
+        """The injection in use: `injection`, or 'add' for configs that still say input_injection=true."""
+        return "add" if self.input_injection and self.injection == "none" else self.injection
+
+    @property
+    def effective_layers(self) -> int:
+        """Block applications of a forward pass at S = max_loops (the core counted max_loops times)."""
+        return self.n_layers + self.core_layers * (self.max_loops - 1)
 
 
 class LoopExit(Protocol):
@@ -72,6 +129,8 @@ class DenoiserOutput:
     """What one forward pass returns.
 
     logits: [B, L, V] float; loop_hidden: core outputs after each loop, each [B, L, D] (only when requested);
+    loop_logits: the prediction read out (coda, final norm, head) after each loop run, each [B, L, V], the last
+    being `logits` (only when requested; a model without a core gives [logits]);
     core_applications: float [B], loops actually applied per row (per-token exits count the mean over tokens);
     present: per layer application (layer, loop) the (keys before RoPE, values) of this input, when requested.
     """
@@ -79,6 +138,7 @@ class DenoiserOutput:
     logits: Tensor
     core_applications: Tensor
     loop_hidden: list[Tensor] = field(default_factory=list)
+    loop_logits: list[Tensor] = field(default_factory=list)
     present: dict[LayerSlot, tuple[Tensor, Tensor]] | None = None
 
 
@@ -91,12 +151,27 @@ class LoopedTransformer(nn.Module):
         self.config = config
         hidden = int(config.mlp_ratio * config.d_model)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        gated = config.residual_init == "gated"
         self.layers = nn.ModuleList(
-            Block(config.d_model, config.n_heads, hidden, config.rope_theta) for _ in range(config.n_layers)
+            Block(config.d_model, config.n_heads, hidden, config.rope_theta, gated) for _ in range(config.n_layers)
         )
         self.final_norm = nn.RMSNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        init_weights(self, config.n_layers)
+        # Optional modules come last and draw nothing at construction, so that the shared modules get the same
+        # initial weights with them or without. Each takes part in every forward pass (data parallelism needs
+        # every parameter to get a gradient on every step, whatever S).
+        looped = config.core_layers > 0
+        self.loop_norm = nn.RMSNorm(config.d_model) if config.loop_norm and looped else None
+        self.injection_adapter = (skip_init(nn.Linear, 2 * config.d_model, config.d_model, bias=False)
+                                  if config.injection_mode == "concat" and looped else None)
+        depth = config.effective_layers if config.init_depth == "effective" else config.n_layers
+        init_weights(self, depth, zero_residual=config.residual_init == "zero")
+        if self.injection_adapter is not None:
+            # [I | 0]: the adapter starts by passing the carry h through unchanged and learns how much of e to
+            # mix in, so loop 1 (where h = e) starts as the plain model's.
+            with torch.no_grad():
+                self.injection_adapter.weight.zero_()
+                self.injection_adapter.weight[:, : config.d_model].copy_(torch.eye(config.d_model))
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
 
@@ -110,6 +185,7 @@ class LoopedTransformer(nn.Module):
         return_present: bool = False,
         return_hidden: bool = False,
         loop_exit: LoopExit | None = None,
+        return_loop_logits: bool = False,
     ) -> DenoiserOutput:
         """Run the stack with the core applied `loops` times.
 
@@ -122,9 +198,13 @@ class LoopedTransformer(nn.Module):
             return_present: also return each application's (keys, values) for caching.
             return_hidden: also return the core output after every loop.
             loop_exit: optional early-exit rule for the core (adaptive depth); `loops` is then the maximum.
+            return_loop_logits: also read the prediction out after every loop (per-loop supervision); not with
+                return_present, whose coda entries would be overwritten by the readouts.
         """
         if loops < 1:
             raise ValueError(f"loops must be >= 1, got {loops}")
+        if return_loop_logits and return_present:
+            raise ValueError("return_loop_logits and return_present cannot be combined")
         batch, length = tokens.shape
         if position_ids is None:
             position_ids = torch.arange(length, device=tokens.device)[None]
@@ -145,57 +225,86 @@ class LoopedTransformer(nn.Module):
 
         core_applications = torch.zeros(batch, device=tokens.device)
         loop_hidden: list[Tensor] = []
+        loop_logits: list[Tensor] = []
         if cfg.core_layers:
             prelude_out = h
             active: Tensor | None = None
+            first_with_grad = loops - cfg.backprop_loops + 1 if cfg.backprop_loops else 1
             for loop in range(1, loops + 1):
                 previous = h
-                core_in = h + prelude_out if cfg.input_injection and loop > 1 else h
 
                 def run_core(x: Tensor, loop: int = loop) -> Tensor:
                     for index in range(cfg.core_start, cfg.core_end):
                         x = apply(index, loop, x)
                     return x
 
-                if cfg.checkpoint_loops and torch.is_grad_enabled() and present is None:
-                    h = checkpoint(run_core, core_in, use_reentrant=False)
-                else:
-                    h = run_core(core_in)
-                if active is not None:
-                    h = torch.where(_broadcastable(active), h, previous)
-                    core_applications += active.float().reshape(batch, -1).mean(dim=1)
-                else:
-                    core_applications += 1
+                with torch.no_grad() if loop < first_with_grad else contextlib.nullcontext():
+                    core_in = self._loop_input(h, prelude_out, loop)
+                    if cfg.checkpoint_loops and torch.is_grad_enabled() and present is None:
+                        h = checkpoint(run_core, core_in, use_reentrant=False)
+                    else:
+                        h = run_core(core_in)
+                    if self.loop_norm is not None:
+                        h = self.loop_norm(h)
+                    if active is not None:
+                        h = torch.where(_broadcastable(active), h, previous)
+                        core_applications += active.float().reshape(batch, -1).mean(dim=1)
+                    else:
+                        core_applications += 1
                 if return_hidden:
                     loop_hidden.append(h)
+                stopping = loop == loops
                 if loop_exit is not None and loop < loops:
                     keep = loop_exit.keep_going(loop, previous, h)
                     active = keep if active is None else active & keep
-                    if not active.any():
-                        break
+                    stopping = not active.any()
+                if return_loop_logits and not stopping:
+                    loop_logits.append(self._read_out(h, apply))
+                if stopping:
+                    break
 
-        for index in range(cfg.core_end, cfg.n_layers):
-            h = apply(index, 0, h)
-        logits = self.head(self.final_norm(h))
+        logits = self._read_out(h, apply)
+        if return_loop_logits:
+            loop_logits.append(logits)
         return DenoiserOutput(logits=logits, core_applications=core_applications, loop_hidden=loop_hidden,
-                              present=present)
+                              loop_logits=loop_logits, present=present)
+
+    def _loop_input(self, h: Tensor, prelude_out: Tensor, loop: int) -> Tensor:
+        """What enters the core on loop `loop` (1-based): the carry h [B, L, D] combined with the prelude output
+        [B, L, D] as `injection` says."""
+        mode = self.config.injection_mode
+        if mode == "add" and loop > 1:
+            return h + prelude_out
+        if mode == "concat":
+            return self.injection_adapter(torch.cat((h, prelude_out), dim=-1))
+        return h
+
+    def _read_out(self, h: Tensor, apply: Callable[[int, int, Tensor], Tensor]) -> Tensor:
+        """Coda, final norm and head on a core output h [B, L, D] -> logits [B, L, V]."""
+        for index in range(self.config.core_end, self.config.n_layers):
+            h = apply(index, 0, h)
+        return self.head(self.final_norm(h))
 
     def num_parameters(self) -> int:
         """Count of distinct trainable parameters (shared core weights counted once, tied head once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self, seq_len: int, loops: float, training: bool = True) -> float:
+    def flops_per_token(self, seq_len: int, loops: float, training: bool = True, readouts: int = 0) -> float:
         """Matmul FLOPs per token for one pass, counting the core `loops` times (may be fractional: an expectation).
 
         Per layer application: 2 * (4 d^2 + 2 d h) for the attention and MLP projections (h = MLP width) plus
-        4 * L * d for attention scores and weighted values; the head adds 2 * d * V. Training multiplies by 3
-        (the backward pass costs twice the forward).
+        4 * L * d for attention scores and weighted values; the head adds 2 * d * V and a concat injection
+        adapter 2 * 2d * d per loop; each of `readouts` extra predictions (after earlier loops) runs the coda and
+        the head again. Training multiplies by 3 (the backward pass costs twice the forward).
         """
         cfg = self.config
         d = cfg.d_model
         per_layer = 2 * (4 * d * d + 2 * d * int(cfg.mlp_ratio * d)) + 4 * seq_len * d
         applications = cfg.n_layers - cfg.core_layers + cfg.core_layers * loops
-        forward = applications * per_layer + 2 * d * cfg.vocab_size
+        applications += readouts * (cfg.n_layers - cfg.core_end)
+        forward = applications * per_layer + (1 + readouts) * 2 * d * cfg.vocab_size
+        if self.injection_adapter is not None and cfg.core_layers:
+            forward += loops * 2 * (2 * d) * d
         return forward * (3 if training else 1)
 
 

@@ -12,8 +12,9 @@ from loopdlm.train.checkpoint import (
 from loopdlm.train.distributed import DistInfo, setup_distributed, teardown_distributed, wrap_model
 from loopdlm.train.ema import EMA
 from loopdlm.train.flops import expected_loops, measure_matmul_flops, training_flops
+from loopdlm.train.loop_counts import loops_for_step
 from loopdlm.train.lr import learning_rate
-from loopdlm.train.trainer import BatchSource, Objective, TensorBatchSource, Trainer, TrainResult, loops_for_step
+from loopdlm.train.trainer import BatchSource, Objective, TensorBatchSource, Trainer, TrainResult
 
 __all__ = ["EMA", "BatchSource", "DistInfo", "Objective", "TensorBatchSource", "TrainResult", "Trainer",
            "expected_loops", "latest_checkpoint", "learning_rate", "load_checkpoint_config", "load_model_weights",

@@ -2,7 +2,8 @@
 
 Randomness is a function of (seed, step) so that every rank agrees without communication and a resumed run
 repeats an uninterrupted one exactly:
-  * S for update `step` is `loops_for_step(seed, step, max_loops)` (the same on every rank).
+  * S for update `step` is `loops_for_step(seed, step, max_loops, ...)` (the same on every rank), drawn from
+    `train.loop_distribution` (see `train/loop_counts.py`).
   * The noise of each micro-batch comes from a device generator re-seeded from (seed, step, shard), where
     shard = micro_index * world_size + rank numbers the per-rank micro-batches of the step in the order the
     data sources hand out global-batch rows. Hence a run's trajectory depends on the micro-batch size and the
@@ -59,11 +60,12 @@ from loopdlm.train.distributed import (
     on_main_rank,
     reshard,
     setup_distributed,
-    to_local,
     wrap_model,
 )
+from loopdlm.train.clipping import clip_gradients, clip_groups
 from loopdlm.train.ema import EMA
 from loopdlm.train.graceful_stop import GracefulStop, TrainingStopped
+from loopdlm.train.loop_counts import loops_for_step
 from loopdlm.train.lr import learning_rate
 from loopdlm.train.run_lock import RunLock
 
@@ -162,15 +164,6 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def loops_for_step(seed: int, step: int, max_loops: int) -> int:
-    """Loop count S ~ Uniform{1, ..., max_loops} for optimizer update `step`, a fixed function of (seed, step):
-    every rank draws the same S without communicating, and a resumed run draws the same sequence."""
-    if max_loops <= 1:
-        return 1
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return int(torch.randint(1, max_loops + 1, (1,), generator=generator))
-
-
 class Trainer:
     """Trains a `LoopedTransformer` on a diffusion objective; resumable, single- or multi-process.
 
@@ -210,6 +203,7 @@ class Trainer:
         self.wrapped = wrap_model(self.model, self.dist, train.distributed)
         self.params = list(self.model.parameters())  # after wrapping: FSDP replaces them by sharded ones
         self.optimizer = _adamw(self.params, config, self.device)
+        self.clip_groups = clip_groups(self.model, self.params, train.clip_core_separately)
         self.ema = EMA(self.params, train.ema_decay) if train.ema_decay > 0 else None
 
         looped = model.config.core_layers > 0
@@ -301,7 +295,7 @@ class Trainer:
         `stop_requested` (this rank got a signal) is summed over ranks with the losses, so that every rank sees
         the same "stop" after the same step."""
         train = self.config.train
-        loops = loops_for_step(train.seed, step, self.max_loops)
+        loops = self._loops(step)
         lr = learning_rate(step, train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -312,8 +306,11 @@ class Trainer:
             # FLOPs are counted from what the model actually runs: an objective may feed longer rows than x0
             # (block diffusion runs [x_t ; x_0]).
             nonlocal flops
-            flops += self.model.flops_per_token(tokens.shape[1], loops, training=True) * tokens.numel()
-            return self.wrapped(tokens, loops=loops, **inputs).logits
+            readouts = loops - 1 if inputs.get("return_loop_logits") else 0
+            flops += self.model.flops_per_token(tokens.shape[1], loops, True, readouts) * tokens.numel()
+            output = self.wrapped(tokens, loops=loops, **inputs)
+            # Per-loop supervision asks for every loop's readout (return_loop_logits): [K, B, L, V].
+            return torch.stack(output.loop_logits) if output.loop_logits else output.logits
 
         # NLL sum, scored tokens, data tokens, FLOPs, stop requests: summed over micro-batches, then over ranks.
         totals = torch.zeros(5, dtype=torch.float64, device=self.device)
@@ -338,7 +335,7 @@ class Trainer:
         grads = [p.grad for p in self.params if p.grad is not None]
         torch._foreach_mul_(grads, (self.dist.world_size / totals[1].clamp(min=1)).float())
         max_norm = train.grad_clip if train.grad_clip > 0 else math.inf
-        grad_norm = to_local(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True))
+        grad_norm = clip_gradients(self.clip_groups, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -396,7 +393,7 @@ class Trainer:
         if hook is None:
             return
         train = self.config.train
-        loops = loops_for_step(train.seed, self.step, self.max_loops)
+        loops = self._loops(self.step)
 
         def denoiser(tokens: Tensor, **inputs: Any) -> Tensor:
             return self.model(tokens, loops=loops, **inputs).logits
@@ -509,6 +506,10 @@ class Trainer:
             raise UserError(f"weights in {folder} do not fit the model: {' '.join(str(err).split())}") from None
 
     # ------------------------------------------------------------------------------------------------- helpers
+    def _loops(self, step: int) -> int:
+        train = self.config.train
+        return loops_for_step(train.seed, step, self.max_loops, train.loop_distribution, train.loop_curriculum_steps)
+
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                               enabled=self.autocast_dtype is not None)
@@ -572,6 +573,7 @@ def _due(step: int, every: int, last: bool) -> bool:
 def _validate(config: RunConfig) -> None:
     train = config.train
     learning_rate(1, train)  # rejects an unknown schedule name now rather than at the first step
+    loops_for_step(train.seed, 1, 2, train.loop_distribution, train.loop_curriculum_steps)  # likewise
     if train.precision not in PRECISIONS:
         raise UserError(f"unknown train.precision '{train.precision}'; choose one of {', '.join(PRECISIONS)}")
     for name in ("grad_accum", "eval_batches", "eval_samples"):
