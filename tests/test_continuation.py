@@ -1,5 +1,6 @@
 """Continuation likelihoods: the stratified Monte-Carlo ELBO against the exact ELBO by enumeration (MDLM and block
-diffusion), the deterministic chain rule against a step-by-step decode, batching with padding, rolling windows."""
+diffusion), the deterministic chain rule against a step-by-step decode, batching with padding, rolling windows;
+and prompt continuation with stop strings."""
 
 import itertools
 
@@ -7,10 +8,13 @@ import pytest
 import torch
 
 from conftest import make_model
+from loopdlm.data.tokenizers import CharTokenizer
 from loopdlm.diffusion.block import block_causal_mask
 from loopdlm.diffusion.masked import subs_log_probs
 from loopdlm.errors import UserError
 from loopdlm.eval.continuation import ContinuationScorer
+from loopdlm.eval.generation import cut_at_stop_strings, generate_continuations
+from loopdlm.sampling import SamplerSpec
 
 MASK = 0
 PROMPT, CONTINUATION = [5, 9, 4], [7, 3, 11, 6]
@@ -70,9 +74,10 @@ def test_chain_rule_is_the_left_to_right_decode_and_batching_pads_without_changi
     model = make_model(vocab_size=13)
     x0 = PROMPT + CONTINUATION
     expected, greedy = 0.0, True
-    for step, position in enumerate(range(len(PROMPT), len(x0))):
+    for position in range(len(PROMPT), len(x0)):
         xt = x0[:position] + [MASK] * (len(x0) - position)
-        log_probs = subs_log_probs(model(torch.tensor([xt]), loops=2).logits, MASK)[0, position]
+        with torch.no_grad():
+            log_probs = subs_log_probs(model(torch.tensor([xt]), loops=2).logits, MASK)[0, position]
         expected += float(log_probs[x0[position]])
         greedy &= int(log_probs.argmax()) == x0[position]
     scorer = ContinuationScorer(model, MASK, context=16, loops=2, batch_rows=3)
@@ -115,3 +120,19 @@ def test_rolling_sums_disjoint_context_windows_and_long_prompts_are_cut_from_the
     assert cut.log_likelihood == pytest.approx(scorer.chain_rule([([9, 5], [7, 3])])[0].log_likelihood, abs=1e-6)
     with pytest.raises(UserError, match="exceeds the model's context"):
         scorer.chain_rule([([], [3] * 5)])
+
+
+def test_block_generation_stops_rows_at_stop_strings_and_mdlm_fills_its_canvas():
+    tokenizer = CharTokenizer.from_text("abcdefgh .")
+    model = make_model(vocab_size=tokenizer.vocab_size, seed=3)
+    spec = SamplerSpec(sampler="topk", steps=8, temperature=0.0, loops=2)
+    prompts = [tokenizer.encode("abc"), tokenizer.encode("h")]
+    free = generate_continuations(model, tokenizer, prompts, spec, 8, context=8, block_size=2)
+    first = tokenizer.decode(free.sequences[0][:1])
+    stopped = generate_continuations(model, tokenizer, prompts, spec, 8, context=8, block_size=2, stop=[first])
+    assert stopped.sequences[0] == free.sequences[0][:2]  # stopped after the block that holds the stop string
+    assert stopped.stats.row_forward_passes[0] < free.stats.row_forward_passes[0]
+    assert cut_at_stop_strings(tokenizer.decode(stopped.sequences[0]), [first]) == ""
+    canvas = generate_continuations(model, tokenizer, prompts, spec, 20, context=8)
+    assert all(len(s) <= 8 - 3 for s in canvas.sequences)  # MDLM stays inside the context beside the prompt
+    assert tokenizer.eos_id not in sum(canvas.sequences, [])

@@ -13,7 +13,8 @@ import sys
 from loopdlm.errors import UserError
 
 #: Modules under loopdlm.commands, each exposing `register(subparsers)` which sets `func` on its parser.
-COMMANDS = ["prepare", "train", "evaluate", "sample", "finetune", "eval_task", "analyze", "judge", "train_codd"]
+COMMANDS = ["prepare", "train", "evaluate", "sample", "finetune", "eval_task", "analyze", "judge", "train_codd",
+            "harness", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
