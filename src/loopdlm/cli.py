@@ -14,7 +14,8 @@ import sys
 from loopdlm.errors import UserError, os_error_text
 
 #: Modules under loopdlm.commands, each exposing `register(subparsers)` which sets `func` on its parser.
-COMMANDS = ["prepare", "train", "evaluate", "sample", "finetune", "eval_task", "analyze", "judge", "train_codd"]
+COMMANDS = ["prepare", "train", "evaluate", "sample", "finetune", "eval_task", "analyze", "judge", "train_codd",
+            "harness", "export"]
 
 
 #: File-system failures a user fixes (full disk, read-only or unwritable folder, a file where a folder belongs):
