@@ -181,8 +181,8 @@ def mfu(ctx: Context, result: dict) -> None:
                 measured = trainer_throughput(model_fields(config), config.data.seq_len, config.train.batch_size,
                                               ctx.sizes.mfu_steps, str(ctx.device), "bf16" if ctx.device.type ==
                                               "cuda" else "fp32", vocab_of(config), compile=compiled)
-            except torch.OutOfMemoryError as err:
-                rows.append({**row, "error": f"out of memory: {str(err).splitlines()[0]}"})
+            except Exception as err:  # e.g. out of memory, or a compiler failure: the other rows still run
+                rows.append({**row, "error": describe(err)})
                 continue
             finally:
                 if compiled:
@@ -221,8 +221,8 @@ def memory(ctx: Context, result: dict) -> None:
                 continue
             try:
                 rows.append({**row, "peak_bytes": peak_memory_growth(lambda: step(loops), ctx.device)})
-            except torch.OutOfMemoryError:
-                rows.append({**row, "error": "out of memory"})
+            except torch.cuda.OutOfMemoryError as err:
+                rows.append({**row, "error": describe(err)})
             print(f"  memory {rows[-1]}", flush=True)
         del model
         free_memory(ctx)
@@ -268,8 +268,8 @@ def sampling(ctx: Context, result: dict) -> None:
             continue
         try:
             rows.append(run(method, batch, per_pass, length))
-        except torch.OutOfMemoryError:
-            rows.append({"method": method, "batch": batch, "tokens_per_pass": per_pass, "error": "out of memory"})
+        except torch.cuda.OutOfMemoryError as err:
+            rows.append({"method": method, "batch": batch, "tokens_per_pass": per_pass, "error": describe(err)})
         free_memory(ctx)
         print(f"  sampling {rows[-1]}", flush=True)
 
@@ -402,7 +402,7 @@ def run_section(name: str, ctx: Context) -> dict:
         RUNNERS[name](ctx, result)
     except (Exception, SectionTimeout) as err:
         traceback.print_exc()
-        result["error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
+        result["error"] = describe(err)
         free_memory(ctx)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -412,6 +412,11 @@ def run_section(name: str, ctx: Context) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def describe(err: BaseException) -> str:
+    """One line naming an exception, for the JSON and the markdown."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
 
 
 def fmt(value, spec: str = ".3g") -> str:
