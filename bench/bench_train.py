@@ -10,26 +10,20 @@ resident set size during the step.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import peak_memory_growth, trainer_throughput  # noqa: E402
 from report import markdown_table, write_section  # noqa: E402
 
-from loopdlm.config import RunConfig  # noqa: E402
 from loopdlm.diffusion.masked import MaskedDiffusion  # noqa: E402
 from loopdlm.models.transformer import LoopedTransformer, ModelConfig  # noqa: E402
 from loopdlm.train.flops import measure_matmul_flops  # noqa: E402
-from loopdlm.train.trainer import TensorBatchSource, Trainer  # noqa: E402
 
 VOCAB = 96
 MODELS = {
@@ -42,31 +36,6 @@ MODELS = {
     "loopmdm-small (12L d768 seq1024, S~U{1..12})": (dict(n_layers=12, d_model=768, n_heads=12, core_start=1,
                                                          core_end=3, max_loops=12), 1024, 8),
 }
-
-
-def throughput(fields: dict, seq_len: int, batch: int, steps: int, device: str, precision: str) -> dict:
-    """Train `steps` steps after 2 warm-up steps; returns tokens/s and achieved FLOP/s of the timed steps."""
-    config = RunConfig()
-    config.model = ModelConfig(vocab_size=VOCAB, **fields)
-    t = config.train
-    t.steps, t.batch_size, t.warmup_steps, t.eval_every, t.ckpt_every = steps + 2, batch, 1, 10**9, 10**9
-    t.log_every, t.device, t.precision, t.ema_decay = 1, device, precision, 0.999
-    tokens = torch.randint(3, VOCAB, (batch * 4, seq_len))
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(config, LoopedTransformer(config.model), MaskedDiffusion(0),
-                          TensorBatchSource(tokens, None, batch, seed=0), None, out, resume=False)
-        trainer.fit()
-        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in records if r["split"] == "train" and r["step"] > 2]
-    seconds = sum(batch * seq_len / r["tokens_per_s"] for r in timed)
-    flops = sum(r["flops_per_s"] * batch * seq_len / r["tokens_per_s"] for r in timed)
-    return {"tokens_per_s": batch * seq_len * len(timed) / seconds, "flops_per_s": flops / seconds}
-
-
-def current_rss() -> int:
-    """Resident set size of this process in bytes (Linux /proc)."""
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
 
 
 def memory_child(loops: int, checkpointing: bool, device: str) -> None:
@@ -83,26 +52,7 @@ def memory_child(loops: int, checkpointing: bool, device: str) -> None:
         model.zero_grad(set_to_none=False)
 
     step(1)  # allocate gradients and warm the allocator so only activations grow below
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step(loops)
-        print(torch.cuda.max_memory_allocated() - base)
-        return
-    base, peak, done = current_rss(), [0], threading.Event()
-
-    def sample_rss() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], current_rss())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample_rss)
-    sampler.start()
-    step(loops)
-    done.set()
-    sampler.join()
-    print(max(peak[0] - base, 0))
+    print(peak_memory_growth(lambda: step(loops), device))
 
 
 def main() -> None:
@@ -132,7 +82,7 @@ def main() -> None:
             continue
         if args.device == "cpu" and fields["d_model"] > 512:
             continue  # the paper-size model is a GPU benchmark
-        result = throughput(fields, seq_len, batch, args.steps, args.device, precision)
+        result = trainer_throughput(fields, seq_len, batch, args.steps, args.device, precision, VOCAB)
         rows.append([name, f"{seq_len}x{batch}", f"{result['tokens_per_s']:.0f}",
                      f"{result['flops_per_s'] / 1e9:.1f}", f"{result['flops_per_s'] / matmul:.2f}"])
         print(rows[-1], flush=True)

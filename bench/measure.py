@@ -1,0 +1,96 @@
+"""Shared by the benchmarks: a clock that suits the device, training throughput through the real `Trainer`, and
+the peak memory of one step."""
+
+from __future__ import annotations
+
+import json
+import resource
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from loopdlm.config import RunConfig
+from loopdlm.diffusion.masked import MaskedDiffusion
+from loopdlm.models.transformer import LoopedTransformer, ModelConfig
+from loopdlm.train.trainer import TensorBatchSource, Trainer
+
+T = TypeVar("T")
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued kernels (a no-op on CPU), so that a clock read afterwards includes them."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(function: Callable[[], T], device: torch.device | str) -> tuple[T, float]:
+    """(function(), seconds). CUDA: wall time between synchronisations. CPU: process CPU time, which a shared,
+    oversubscribed machine disturbs far less than wall time (the CPU benchmarks run one thread)."""
+    cuda = torch.device(device).type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
+    synchronize(device)
+    start = clock()
+    result = function()
+    synchronize(device)
+    return result, clock() - start
+
+
+def trainer_throughput(fields: dict, seq_len: int, batch: int, steps: int, device: str, precision: str,
+                       vocab: int = 96, compile: bool = False, warmup: int = 2) -> dict[str, float]:
+    """Train `steps` steps of the real Trainer loop (AdamW, EMA, S drawn per step, random tokens, MDLM objective)
+    after `warmup` untimed steps; returns tokens/s and achieved FLOP/s (matmul FLOPs, core counted S times) of the
+    timed steps."""
+    config = RunConfig()
+    config.model = ModelConfig(vocab_size=vocab, **fields)
+    t = config.train
+    t.steps, t.batch_size, t.warmup_steps, t.eval_every, t.ckpt_every = steps + warmup, batch, 1, 10**9, 10**9
+    t.log_every, t.device, t.precision, t.ema_decay, t.compile = 1, device, precision, 0.999, compile
+    tokens = torch.randint(3, vocab, (batch * 4, seq_len))
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(config, LoopedTransformer(config.model), MaskedDiffusion(0),
+                          TensorBatchSource(tokens, None, batch, seed=0), None, out, resume=False)
+        trainer.fit()
+        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    timed_steps = [r for r in records if r["split"] == "train" and r["step"] > warmup]
+    seconds = sum(batch * seq_len / r["tokens_per_s"] for r in timed_steps)
+    flops = sum(r["flops_per_s"] * batch * seq_len / r["tokens_per_s"] for r in timed_steps)
+    return {"tokens_per_s": batch * seq_len * len(timed_steps) / seconds, "flops_per_s": flops / seconds}
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (Linux /proc)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def peak_memory_growth(function: Callable[[], object], device: torch.device | str) -> int:
+    """Bytes by which memory peaks above its level before `function()`: on CUDA the allocator's peak, on CPU the
+    resident set sampled every millisecond (meaningful in a fresh process started with glibc's MALLOC_MMAP_THRESHOLD_
+    lowered, so that freed blocks leave the resident set)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        function()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base, peak, done = current_rss(), [0], threading.Event()
+
+    def sample_rss() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], current_rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample_rss)
+    sampler.start()
+    try:
+        function()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0] - base, 0)
