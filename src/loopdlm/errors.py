@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """A problem the user can fix (bad config, missing checkpoint, bad argument). Its message is one line."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value outside its allowed range. Also a ValueError, so code that validates a config by catching
+    ValueError (e.g. model construction) keeps working."""

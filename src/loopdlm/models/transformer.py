@@ -15,7 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from loopdlm.errors import ConfigError
 from loopdlm.models.layers import Block, PastKV, init_weights
+from loopdlm.settings import NON_NEGATIVE, POSITIVE, Range, check_fields, setting
 
 #: Identifies one layer application: (layer index, loop index); loop index is 0 outside the core.
 LayerSlot = tuple[int, int]
@@ -25,31 +27,31 @@ LayerSlot = tuple[int, int]
 class ModelConfig:
     """Shape of the denoiser. `vocab_size` counts every token id, the mask token included."""
 
-    vocab_size: int = 0
-    n_layers: int = 6
-    d_model: int = 256
-    n_heads: int = 4
-    mlp_ratio: float = 4.0
-    core_start: int = 0
-    core_end: int = 0
-    max_loops: int = 1
-    input_injection: bool = False
-    checkpoint_loops: bool = False
-    tie_embeddings: bool = False
-    rope_theta: float = 10000.0
+    vocab_size: int = setting(0, "token ids, the mask included (0 = take the tokenizer's)", NON_NEGATIVE)
+    n_layers: int = setting(6, "transformer layers in total (prelude + core + coda)", POSITIVE)
+    d_model: int = setting(256, "hidden width; d_model / n_heads must be even", POSITIVE)
+    n_heads: int = setting(4, "attention heads", POSITIVE)
+    mlp_ratio: float = setting(4.0, "MLP hidden width as a multiple of d_model", Range(0, low_open=True))
+    core_start: int = setting(0, "first layer of the looped core (a in [a, b))", NON_NEGATIVE)
+    core_end: int = setting(0, "layer after the looped core (b; core_start = core_end is a plain transformer)",
+                            NON_NEGATIVE)
+    max_loops: int = setting(1, "S_max: training draws S ~ U{1..S_max} core applications per step", POSITIVE)
+    input_injection: bool = setting(False, "add the prelude output before loops 2..S")
+    checkpoint_loops: bool = setting(False, "activation checkpointing per loop (memory flat in S)")
+    tie_embeddings: bool = setting(False, "share the input embedding with the output head")
+    rope_theta: float = setting(10000.0, "RoPE base", Range(0, low_open=True))
 
     def validate(self) -> None:
-        """Raise ValueError when the fields are inconsistent."""
-        if self.vocab_size < 2:
-            raise ValueError(f"model.vocab_size must be >= 2, got {self.vocab_size}")
-        if not 0 <= self.core_start <= self.core_end <= self.n_layers:
-            raise ValueError(
-                f"need 0 <= core_start <= core_end <= n_layers, got {self.core_start}, {self.core_end}, {self.n_layers}"
-            )
-        if self.max_loops < 1:
-            raise ValueError(f"model.max_loops must be >= 1, got {self.max_loops}")
+        """Raise ConfigError (a ValueError) naming the first out-of-range or inconsistent field."""
+        check_fields(self, "model.")
+        if self.vocab_size == 1:
+            raise ConfigError("model.vocab_size must be 0 (take the tokenizer's) or >= 2, got 1")
+        if not self.core_start <= self.core_end <= self.n_layers:
+            raise ConfigError(f"need model.core_start <= model.core_end <= model.n_layers, got {self.core_start}, "
+                              f"{self.core_end}, {self.n_layers}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError("model.d_model / model.n_heads must be an even integer (RoPE rotates channel pairs)")
+            raise ConfigError(f"model.d_model / model.n_heads must be an even integer (RoPE rotates channel pairs), "
+                              f"got {self.d_model} / {self.n_heads}")
 
     @property
     def core_layers(self) -> int:
