@@ -311,8 +311,8 @@ class Trainer:
 
         Each S sees the same eval_batches batches (the source is rewound) and the same noise (a generator
         re-seeded from (seed, rank)), eval_samples t-samples per batch, so values compare across evaluations and
-        across S. Returns {S: {"nats_per_token", "bits_per_token", "bits_per_char" (None unless the validation
-        source knows its `characters_per_token`), "ppl_bound" (= exp(nats)), "scored_tokens"}}.
+        across S. Returns {S: {"nats_per_token", "bits_per_token", "ppl_bound" (= exp(nats)), "scored_tokens",
+        and "bits_per_char" when the validation source knows its `characters_per_token`}}.
         """
         if self.val_source is None:
             return {}
@@ -341,8 +341,9 @@ class Trainer:
                     all_reduce_sum(totals, self.dist)
                     nats = (totals[0] / totals[1].clamp(min=1)).item()
                     results[loops] = {"nats_per_token": nats, "bits_per_token": nats / math.log(2),
-                                      "bits_per_char": bits_per_char(nats, characters_per_token),
                                       "ppl_bound": math.exp(min(nats, 700.0)), "scored_tokens": int(totals[1])}
+                    if characters_per_token:
+                        results[loops]["bits_per_char"] = bits_per_char(nats, characters_per_token)
                 reshard(self.model)
         finally:
             self.model.train()
@@ -479,7 +480,7 @@ class Trainer:
 
 def format_validation(values: dict[str, Any]) -> str:
     """One validation result as text: nats/token, bits/char (when known), the perplexity bound, tokens scored."""
-    per_char = f", {values['bits_per_char']:.4f} bits/char" if values.get("bits_per_char") is not None else ""
+    per_char = f", {values['bits_per_char']:.4f} bits/char" if "bits_per_char" in values else ""
     return (f"{values['nats_per_token']:.4f} nats/token{per_char}, PPL <= {values['ppl_bound']:.2f} "
             f"({values['scored_tokens']} tokens scored)")
 
