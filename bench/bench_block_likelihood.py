@@ -16,7 +16,7 @@ scale, end to end through the command line:
    weight 1). Training is unclipped (t ~ U[0, 1]) for every model, so the block size is the only difference. One
    run folder per (seed, L') under --out; a finished run is reused, not retrained.
 2. The EMA weights are scored on the held-out batches and with the objective of `loopdlm eval --samples K` (the
-   unclipped bound; the t-draws are seeded per batch, so only L' = 1 reproduces its number digit for digit),
+   unclipped bound; batch order and t-draws are seeded here, per batch, not as `loopdlm eval` seeds them),
    batch by batch, so the table can give a standard error and paired differences (the same
    batches are scored by every model, so paired differences cancel most of the data variance). L' = 1 is
    deterministic (the exact AR NLL), so it is scored with one sample.
@@ -109,8 +109,9 @@ def train_seconds_per_step(out: Path) -> float:
 
 
 def held_out_batches(out: Path, count: int, batch_size: int, seed: int) -> list[tuple[torch.Tensor, None]]:
-    """The validation batches `loopdlm eval --batches count --batch-size batch_size --seed seed` scores:
-    a list of (x0 int64 [batch_size, SEQ_LEN], None)."""
+    """`count` validation batches (at most one pass over the split) in the order seeded by `seed`: a list of
+    (x0 int64 [batch_size, SEQ_LEN], None). (`loopdlm eval` instead replays training's validation batches, whose
+    order is seeded by train.seed + 1.)"""
     config = load_checkpoint_config(out)
     dataset = TokenDataset(prepare_data(config.data).directory, "val", config.data.seq_len)
     source = CorpusBatchSource(dataset, batch_size, seed=seed)

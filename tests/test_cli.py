@@ -96,7 +96,7 @@ def test_prompt_longer_than_context_and_bad_loop_counts(trained_run, capsys):
     _, run, _ = trained_run
     expect_user_error(["sample", "--checkpoint", str(run), "--prompt", "line " * 20], capsys, "no room")
     expect_user_error(["sample", "--checkpoint", str(run), "--length", "64"], capsys, "training context")
-    expect_user_error(["sample", "--checkpoint", str(run), "--loops", "0"], capsys, "--loops must be >= 1")
+    expect_user_error(["sample", "--checkpoint", str(run), "--loops", "0"], capsys, "--loops: must be >= 1")
     expect_user_error(["eval", "--checkpoint", str(run), "--loops", "0"], capsys, ">= 1")
 
 
@@ -124,8 +124,10 @@ def test_block_diffusion_run_generates_past_its_context(tmp_path, capsys):
     code, out, _ = run_cli(["sample", "--checkpoint", str(run), "--prompt", "row 1", "--length", "80",
                             "--steps", "80", "--loops", "2", "--json"], capsys)
     assert code == 0
-    samples = json.loads(out)["samples"]
+    payload = json.loads(out)
+    samples = payload["samples"]
     assert len(samples) == 2 and all(s.startswith("row 1") for s in samples)
+    assert payload["new_tokens"] == 80 and all(len(s) <= len("row 1") + 80 for s in samples)
     code, out, _ = run_cli(["eval", "--checkpoint", str(run), "--loops", "2", "--batches", "1", "--batch-size", "2",
                             "--json"], capsys)
     assert code == 0 and json.loads(out)[0]["nats_per_token"] > 0
@@ -169,3 +171,48 @@ def test_train_codd_then_sample_with_coupling(trained_run, tmp_path, capsys):
         assert embedded_document((tmp_path / "codd.html").read_text(encoding="utf-8"))["meta"]["codd"] == str(layer)
         assert all(s.startswith("line 2") for s in json.loads(out)["samples"])
     expect_user_error(["sample", "--checkpoint", str(run), "--codd", str(tmp_path / "nope")], capsys, "nope")
+
+
+def test_eval_defaults_agree_with_the_final_validation_of_training(trained_run, capsys):
+    _, run, _ = trained_run
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = {r["loops"]: r for r in records if r["split"] == "val" and r["step"] == 4}
+    code, out, _ = run_cli(["eval", "--checkpoint", str(run), "--json"], capsys)
+    assert code == 0
+    reports = json.loads(out)
+    assert [r["loops"] for r in reports] == sorted(final)
+    for report in reports:
+        validation = final[report["loops"]]
+        assert report["nats_per_token"] == pytest.approx(validation["nats_per_token"], rel=1e-6)
+        assert report["tokens"] == validation["scored_tokens"]
+        # char tokenizer: one character per token (each eos stands for one separator)
+        assert report["bits_per_char"] == pytest.approx(report["bits_per_token"])
+        assert validation["bits_per_char"] == pytest.approx(validation["bits_per_token"])
+    code, out, _ = run_cli(["eval", "--checkpoint", str(run), "--loops", "2", "--batch-size", "2"], capsys)
+    assert code == 0 and "differs from training's validation by --batch-size 2" in out and "bits/char" in out
+
+
+def test_sample_length_is_new_tokens_after_the_prompt(trained_run, capsys):
+    _, run, _ = trained_run
+    code, out, _ = run_cli(["sample", "--checkpoint", str(run), "--prompt", "line 1", "--length", "5", "--steps", "5",
+                            "--num-samples", "1", "--json"], capsys)
+    payload = json.loads(out)
+    assert code == 0 and payload["new_tokens"] == 5 and len(payload["samples"]) == 1
+    assert payload["samples"][0].startswith("line 1") and len(payload["samples"][0]) <= len("line 1") + 5
+    assert payload["sampler"]["loops"] == 3  # 0 in the config resolves to the training S_max
+    code, out, _ = run_cli(["sample", "--checkpoint", str(run), "--prompt", "line 1", "--steps", "4", "--json"],
+                           capsys)
+    assert json.loads(out)["new_tokens"] == 32 - len("line 1")  # default: fill the context after the prompt
+    expect_user_error(["sample", "--checkpoint", str(run), "--prompt", "line 1", "--length", "27"], capsys,
+                      "at most 26")
+
+
+def test_trace_is_written_after_the_samples_are_printed(trained_run, tmp_path, capsys):
+    _, run, _ = trained_run
+    expect_user_error(["sample", "--checkpoint", str(run), "--trace", str(tmp_path / "missing" / "t.json")], capsys,
+                      "does not exist")
+    code, out, err = run_cli(["sample", "--checkpoint", str(run), "--steps", "4", "--trace", str(tmp_path)], capsys)
+    assert code == 2 and out.count("--- sample") == 2 and "the samples above are complete" in err
+    trace = tmp_path / "trace.json"
+    assert main(["sample", "--checkpoint", str(run), "--steps", "4", "--trace", str(trace)]) == 0
+    assert len(json.loads(trace.read_text())["steps"]) == 1 + 4  # the all-masked canvas, then one per step

@@ -183,6 +183,30 @@ def test_prepare_writes_stream_with_eos_after_each_document_and_full_manifest(tm
     assert sorted(p.name for p in (tmp_path / "corpus").iterdir()) == [MANIFEST_FILE, "tokenizer", TOKENS_FILE]
 
 
+def test_manifest_records_the_characters_of_the_val_split(tmp_path, bpe):
+    char_manifest, char = _prepare(tmp_path / "char")
+    assert char_manifest.val_characters == 4  # "\nb" + eos of the last document: one character per token
+    docs = [(f"d{i}", text) for i, text in enumerate(_small_corpus())]
+    manifest, _ = _prepare(tmp_path / "bpe", bpe, docs=docs, val_fraction=0.1)
+    stream = np.fromfile(tmp_path / "bpe" / "corpus" / TOKENS_FILE, dtype=np.uint16).tolist()
+    val = stream[manifest.val_start:]
+    assert manifest.val_characters == len(bpe.decode(val)) + val.count(bpe.eos_id)
+    dataset = TokenDataset(tmp_path / "bpe" / "corpus", "val", 8)
+    assert dataset.characters_per_token(bpe) == pytest.approx(manifest.val_characters / len(val))
+    assert dataset.characters_per_token(bpe) > 1.5  # BPE merges characters
+
+
+def test_manifests_written_before_character_counts_still_load(tmp_path, char):
+    manifest, _ = _prepare(tmp_path, char)
+    path = tmp_path / "corpus" / MANIFEST_FILE
+    old = json.loads(path.read_text())
+    del old["val_characters"]
+    path.write_text(json.dumps(old))
+    assert load_manifest(tmp_path / "corpus").val_characters is None
+    dataset = TokenDataset(tmp_path / "corpus", "val", 2)
+    assert dataset.characters_per_token(char) == 1.0  # measured on the fly
+
+
 def test_prepare_stores_ids_beyond_uint16_as_uint32(tmp_path):
     big = CharTokenizer(chr(0x10000 + i) for i in range(70000))
     text = chr(0x10000) + chr(0x10000 + 69999)

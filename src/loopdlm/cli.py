@@ -14,8 +14,8 @@ import sys
 from loopdlm.errors import UserError, os_error_text
 
 #: Modules under loopdlm.commands, each exposing `register(subparsers)` which sets `func` on its parser.
-COMMANDS = ["prepare", "train", "evaluate", "sample", "finetune", "eval_task", "analyze", "judge", "train_codd",
-            "harness", "export"]
+COMMANDS = ["show_config", "prepare", "train", "evaluate", "sample", "finetune", "eval_task", "analyze", "judge",
+            "train_codd", "harness", "export"]
 
 
 #: File-system failures a user fixes (full disk, read-only or unwritable folder, a file where a folder belongs):
@@ -24,9 +24,31 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, err
                       errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every option's help that has a default worth printing and does not already say
+    what its default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        if shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with defaults in --help and usage errors on one line (exit code 2, like every user error)."""
+
+    def __init__(self, *args, formatter_class=DefaultsHelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(prog="loopdlm", description="Looped masked diffusion language models.")
+    parser = Parser(prog="loopdlm", description="Looped masked diffusion language models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"loopdlm.commands.{name}").register(subparsers)
@@ -35,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the process exit code (0 ok, 2 user error, 128 + signal number interrupted)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error already printed on one line
+        return exit_.code
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args.func(args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,63 +12,90 @@ from typing import Any
 import yaml
 
 from loopdlm.diffusion.masked import DiffusionConfig
-from loopdlm.errors import UserError
+from loopdlm.errors import ConfigError, UserError
 from loopdlm.models.transformer import ModelConfig
 from loopdlm.sampling import SamplerSpec
+from loopdlm.settings import NON_NEGATIVE, POSITIVE, PROBABILITY, Each, OneOf, Range, check_fields, setting
+
+
+#: Names accepted by train.lr_schedule, train.precision and train.distributed (the last repeats
+#: train/distributed.py's MODES: importing loopdlm.train here would be circular).
+LR_SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+DISTRIBUTED_MODES = ("ddp", "fsdp")
 
 
 @dataclass
 class DataConfig:
     """Where training text comes from and how it is tokenised."""
 
-    source: str = "shakespeare"
-    tokenizer: str = "char"
-    vocab_size: int = 4096
-    seq_len: int = 128
-    val_fraction: float = 0.05
-    cache_dir: str = "data_cache"
+    source: str = setting("shakespeare", "corpus: shakespeare | text:PATH (a text file, or a folder searched for "
+                          ".txt files) | jsonl:PATH:FIELD (one document per line, its text in FIELD)")
+    tokenizer: str = setting("char", "char (one id per character) or bpe (byte-level BPE trained on the corpus)",
+                             OneOf(("char", "bpe")))
+    vocab_size: int = setting(4096, "BPE vocabulary size, special tokens included (char ignores it)", POSITIVE)
+    seq_len: int = setting(128, "tokens per training sequence (the model's context)", POSITIVE)
+    val_fraction: float = setting(0.05, "fraction of the token stream (its end) held out for validation",
+                                  Range(0, 1, high_open=True))
+    cache_dir: str = setting("data_cache", "folder for downloaded sources and prepared corpora")
+
+    def validate(self) -> None:
+        """Raise ConfigError for a value out of range."""
+        check_fields(self, "data.")
 
 
 @dataclass
 class TrainConfig:
     """Optimisation, evaluation and checkpointing."""
 
-    steps: int = 1000
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 3e-4
-    lr_schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    eval_every: int = 250
-    eval_batches: int = 8
-    eval_samples: int = 1
-    log_every: int = 10
-    ckpt_every: int = 500
-    keep_last: int = 2
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    compile: bool = False
-    distributed: str = "ddp"
-    out_dir: str = "runs/default"
-    init_from: str = ""
-    threads: int = field(default=0, metadata={"help": "torch CPU threads per process; 0 = OMP_NUM_THREADS when set, "
-                                                      "else the cores not already busy (cores minus the 1-minute "
-                                                      "load average, at least 1)"})
-    loop_distribution: str = field(default="uniform", metadata={
-        "help": "training loop count S per update: uniform (U{1..max_loops}), poisson_lognormal (Huginn's, "
-                "same mean, capped at max_loops) or curriculum (uniform up to a cap growing from 1 to max_loops)"})
-    loop_curriculum_steps: int = field(default=0, metadata={
-        "help": "updates over which the curriculum cap grows linearly from 1 to model.max_loops"})
-    clip_core_separately: bool = field(default=False, metadata={
-        "help": "clip the looped core's gradient on its own norm (and the other parameters on theirs), so "
-                "large-S steps, where the shared core's gradient is largest, do not shrink everyone's update"})
+    steps: int = setting(1000, "optimizer updates in total (a resumed run continues up to this)", NON_NEGATIVE)
+    batch_size: int = setting(32, "sequences per micro-batch per process", POSITIVE)
+    grad_accum: int = setting(1, "micro-batches accumulated per optimizer update", POSITIVE)
+    lr: float = setting(3e-4, "peak AdamW learning rate", NON_NEGATIVE)
+    lr_schedule: str = setting("cosine", "after warmup: cosine decay to min_lr_ratio * lr, or constant",
+                               OneOf(LR_SCHEDULES))
+    min_lr_ratio: float = setting(0.1, "cosine schedule: final learning rate as a fraction of lr", PROBABILITY)
+    warmup_steps: int = setting(100, "linear warmup updates", NON_NEGATIVE)
+    weight_decay: float = setting(0.0, "AdamW decoupled weight decay", NON_NEGATIVE)
+    beta1: float = setting(0.9, "AdamW beta1", Range(0, 1, high_open=True))
+    beta2: float = setting(0.999, "AdamW beta2", Range(0, 1, high_open=True))
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = no clipping)", NON_NEGATIVE)
+    ema_decay: float = setting(0.9999, "EMA of the weights used for evaluation and sampling (0 = no EMA)",
+                               Range(0, 1, high_open=True))
+    eval_every: int = setting(250, "validate every this many updates, and at the end (0 = only at the end)",
+                              NON_NEGATIVE)
+    eval_batches: int = setting(8, "validation batches per evaluation (the same ones every time)", POSITIVE)
+    eval_samples: int = setting(1, "noise levels t drawn per validation batch (K)", POSITIVE)
+    log_every: int = setting(10, "log training loss every this many updates (0 = only at the end)", NON_NEGATIVE)
+    ckpt_every: int = setting(500, "checkpoint every this many updates, and at the end (0 = only at the end)",
+                              NON_NEGATIVE)
+    keep_last: int = setting(2, "checkpoints kept in the run folder (0 = keep all)", NON_NEGATIVE)
+    seed: int = setting(0, "seeds initialisation, data order, noise and the loop counts S")
+    device: str = setting("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
+    precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", OneOf(PRECISIONS))
+    compile: bool = setting(False, "torch.compile each transformer block")
+    distributed: str = setting("ddp", "data parallelism under torchrun: ddp or fsdp (FSDP2)", OneOf(DISTRIBUTED_MODES))
+    out_dir: str = setting("runs/default", "run folder: metrics.jsonl and checkpoints/ (resumed when it holds any)")
+    init_from: str = setting("", "start from this checkpoint's weights (a run or step folder; '' = fresh)")
+
+    threads: int = setting(0, "torch CPU threads per process; 0 = OMP_NUM_THREADS when set, else the cores not "
+                           "already busy (cores minus the 1-minute load average, at least 1)", NON_NEGATIVE)
+    # The names repeat train/loop_counts.py's LOOP_DISTRIBUTIONS (importing the train package here is circular).
+    loop_distribution: str = setting(
+        "uniform", "training loop count S per update: uniform (U{1..max_loops}), poisson_lognormal (Huginn's, same "
+        "mean, capped at max_loops) or curriculum (uniform up to a cap growing from 1 to max_loops)",
+        OneOf(("uniform", "poisson_lognormal", "curriculum")))
+    loop_curriculum_steps: int = setting(0, "updates over which the curriculum cap grows linearly from 1 to "
+                                            "model.max_loops", NON_NEGATIVE)
+    clip_core_separately: bool = setting(False, "clip the looped core's gradient on its own norm (and the other "
+                                         "parameters on theirs), so large-S steps, where the shared core's gradient "
+                                         "is largest, do not shrink everyone's update")
+
+    def validate(self) -> None:
+        """Raise ConfigError for a value out of range."""
+        check_fields(self, "train.")
+        if self.loop_distribution == "curriculum" and self.loop_curriculum_steps < 1:
+            raise ConfigError("train.loop_distribution=curriculum needs train.loop_curriculum_steps >= 1")
 
 
 @dataclass
@@ -76,20 +103,31 @@ class SampleConfig(SamplerSpec):
     """The default sampler of a run (every `SamplerSpec` field) plus how many samples to draw and the loop
     counts at which validation reports the NELBO."""
 
-    num_samples: int = 2
-    length: int = 0
-    eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    num_samples: int = setting(2, "samples per prompt drawn by `loopdlm sample`", POSITIVE)
+    length: int = setting(0, "new tokens per sample (0 = fill the training context after the prompt)",
+                          NON_NEGATIVE)
+    eval_loops: list[int] = setting(help="loop counts S at which validation reports the NELBO", check=Each(POSITIVE),
+                                    default_factory=lambda: [1, 2, 4, 8])
+
+    def validate(self) -> None:
+        """Raise ConfigError for a value out of range (the sampler's fields included)."""
+        super().validate("sample.")
 
 
 @dataclass
 class RunConfig:
     """Everything a run needs; saved as JSON beside every checkpoint."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    model: ModelConfig = setting(help="the denoiser's shape and loop structure", default_factory=ModelConfig)
+    diffusion: DiffusionConfig = setting(help="the noise process", default_factory=DiffusionConfig)
+    data: DataConfig = setting(help="training text and tokenizer", default_factory=DataConfig)
+    train: TrainConfig = setting(help="optimisation, evaluation and checkpoints", default_factory=TrainConfig)
+    sample: SampleConfig = setting(help="default sampler and sample counts", default_factory=SampleConfig)
+
+    def validate(self) -> None:
+        """Raise ConfigError (a UserError naming the key and its allowed values) for any value out of range."""
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON/YAML serialisable)."""
@@ -119,7 +157,10 @@ def load_config(preset_or_file: str, overrides: list[str] = ()) -> RunConfig:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise UserError(f"config file not found: {preset_or_file}")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"config {preset_or_file} is not a text (UTF-8) file") from None
     elif preset_or_file in available_presets():
         text = resources.files("loopdlm.presets").joinpath(f"{preset_or_file}.yaml").read_text()
     else:
@@ -130,8 +171,12 @@ def load_config(preset_or_file: str, overrides: list[str] = ()) -> RunConfig:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"config {preset_or_file} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config {preset_or_file} must map sections to keys (section: {{key: value}}), "
+                        f"got a {type(values).__name__} at the top level")
     config = RunConfig.from_dict(values)
     apply_overrides(config, overrides)
+    config.validate()
     return config
 
 
@@ -142,11 +187,21 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> None:
         section, dot, key = name.partition(".")
         if not sep or not dot:
             raise UserError(f"override '{item}' must look like section.key=value (e.g. train.lr=1e-3)")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        _assign(_section(config, section), section, key, value)
+        target = _section(config, section)
+        if raw.strip():
+            value = _parse_value(raw)
+        elif isinstance(getattr(target, key, None), str):
+            value = ""  # e.g. train.init_from= (clear it)
+        else:
+            raise UserError(f"override '{item}' has no value; write {name}=VALUE")
+        _assign(target, section, key, value)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def _section(config: RunConfig, section: str) -> Any:
@@ -161,6 +216,9 @@ def _assign(target: Any, section: str, key: str, value: Any) -> None:
     if key not in fields:
         raise UserError(f"unknown config key '{section}.{key}'{_suggest(key, list(fields), section + '.')}")
     current = getattr(target, key)
+    if isinstance(value, bool) != isinstance(current, bool) and isinstance(current, (bool, int, float)):
+        # bool is an int in Python; 'train.steps=true' must not become 1 step, nor 'compile=1' a flag.
+        raise UserError(f"config key '{section}.{key}' expects {type(current).__name__}, got {value!r}")
     if value is not None and current is not None and not isinstance(value, type(current)):
         if isinstance(current, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
             value = _to_number(value, float, section, key)

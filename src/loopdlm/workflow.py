@@ -80,12 +80,19 @@ def prepare_data_distributed(data: DataConfig, dist: DistInfo) -> PreparedCorpus
     return corpus or prepare_data(data)
 
 
+#: The batch order of a split is seeded with train.seed + this offset (`loopdlm eval` replays the validation one).
+SPLIT_SEED_OFFSET = {"train": 0, "val": 1}
+
+
 def corpus_sources(corpus: PreparedCorpus, config: RunConfig, dist: DistInfo
                    ) -> tuple[CorpusBatchSource, CorpusBatchSource]:
-    """This rank's (train, validation) batch streams over a prepared corpus, seeded from `config.train.seed`."""
+    """This rank's (train, validation) batch streams over a prepared corpus, seeded from `config.train.seed`; the
+    validation stream knows its characters per token (for bits/character)."""
     seq_len, batch, seed = config.data.seq_len, config.train.batch_size, config.train.seed
-    return tuple(CorpusBatchSource(TokenDataset(corpus.directory, split, seq_len), batch, seed + offset, dist.rank,
-                                   dist.world_size) for offset, split in enumerate(("train", "val")))
+    train, val = (TokenDataset(corpus.directory, split, seq_len) for split in ("train", "val"))
+    return (CorpusBatchSource(train, batch, seed + SPLIT_SEED_OFFSET["train"], dist.rank, dist.world_size),
+            CorpusBatchSource(val, batch, seed + SPLIT_SEED_OFFSET["val"], dist.rank, dist.world_size,
+                              characters_per_token=val.characters_per_token(corpus.tokenizer)))
 
 
 def auto_threads(cores: int, load: float, processes: int = 1) -> int:
@@ -170,10 +177,13 @@ def build_training_objective(config: RunConfig, mask_id: int):
 
 
 class CorpusBatchSource:
-    """Batches of fixed-length token sequences from a prepared corpus split (the trainer's BatchSource)."""
+    """Batches of fixed-length token sequences from a prepared corpus split (the trainer's BatchSource).
+    characters_per_token, when known, lets the trainer report bits per character."""
 
-    def __init__(self, dataset: TokenDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, dataset: TokenDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 characters_per_token: float | None = None):
         self.dataset = dataset
+        self.characters_per_token = characters_per_token
         self.sampler = SequenceSampler(dataset.num_sequences, batch_size, seed, rank=rank, world_size=world_size)
 
     def next_batch(self) -> tuple[torch.Tensor, None]:

@@ -7,10 +7,11 @@ import json
 
 import torch
 
+from loopdlm.commands.arguments import DEVICE_HELP, SEED_HELP, number, positive_int
 from loopdlm.data.task_source import TaskBatchSource, encode_task, task_examples, task_from_source
 from loopdlm.data.task_spec import get_task
-from loopdlm.errors import UserError
 from loopdlm.eval.attention import analyze_attention
+from loopdlm.settings import Range
 from loopdlm.workflow import CorpusBatchSource, checkpoint_corpus_split, load_pretrained, resolve_device
 
 DEFAULT_TIMES = [0.1, 0.3, 0.5, 0.7, 0.9]
@@ -22,12 +23,14 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default=None, help="write a PNG plot here (needs matplotlib)")
     parser.add_argument("--task", default=None, help="analyse on task problems (default: the checkpoint's task, "
                         "else validation text of its corpus)")
-    parser.add_argument("--times", type=float, nargs="+", default=DEFAULT_TIMES, help="noise levels t in (0, 1]")
-    parser.add_argument("--loops", type=int, default=None, help="core applications S (default: training S_max)")
-    parser.add_argument("--n", type=int, default=64, help="sequences (or problems) to average over")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--times", type=number(float, Range(0, 1, low_open=True)), nargs="+", default=DEFAULT_TIMES,
+                        help="noise levels t in (0, 1]")
+    parser.add_argument("--loops", type=positive_int, default=None,
+                        help="core applications S (default: training S_max)")
+    parser.add_argument("--n", type=positive_int, default=64, help="sequences (or problems) to average over")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass")
+    parser.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--json", action="store_true", help="print the records as JSON")
     parser.set_defaults(func=run)
 
@@ -35,8 +38,6 @@ def register(subparsers) -> None:
 def run(args) -> None:
     loaded = load_pretrained(args.checkpoint, resolve_device(args.device))
     loops = args.loops or loaded.model.config.max_loops
-    if loops < 1 or args.n < 1 or args.batch_size < 1:
-        raise UserError("--loops, --n and --batch-size must be >= 1")
     batches = _batches(args, loaded)
     records = analyze_attention(loaded.model, batches, loaded.tokenizer.mask_id, args.times, loops, seed=args.seed)
     if args.out:

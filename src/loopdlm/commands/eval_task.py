@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from loopdlm.commands.arguments import DEVICE_HELP, non_negative_int, positive_int, spec_type
 from loopdlm.commands.sample import add_sampler_arguments, sampler_spec_from_args
 from loopdlm.data.file_tasks import FileTask
 from loopdlm.data.task_source import SPLITS, task_examples, task_from_source
 from loopdlm.data.task_spec import get_task
 from loopdlm.errors import UserError
 from loopdlm.eval.tasks import task_accuracy
+from loopdlm.sampling import SamplerSpec
 from loopdlm.workflow import load_pretrained, resolve_device
 
 
@@ -20,21 +22,22 @@ def register(subparsers) -> None:
                                    conflict_handler="resolve")
     parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     parser.add_argument("--task", default=None, help="task spec (default: the one the checkpoint was trained on)")
-    parser.add_argument("--n", type=int, default=None, help="number of distinct problems (default 200; a task "
-                        "file: every problem of the split)")
+    parser.add_argument("--n", type=positive_int, default=None, help="number of distinct problems (default 200; a "
+                        "task file: every problem of the split)")
     parser.add_argument("--split", choices=SPLITS, default="test", help="problems from this hash split (default test; "
                         "'all' for a file that is a test set by itself, e.g. sudoku:path=test.txt)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="problems decoded together")
     parser.add_argument("--seed", type=int, default=0, help="seeds both the problems and the sampler")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--show", type=int, default=0, help="print this many prompt/prediction pairs")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--show", type=non_negative_int, default=0, help="print this many prompt/prediction pairs")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     add_sampler_arguments(parser)
-    parser.add_argument("--loops", type=int, nargs="+", default=None,
+    parser.add_argument("--loops", type=positive_int, nargs="+", default=None,
                         help="core applications S, one evaluation each (default: training S_max)")
-    parser.add_argument("--temperature", type=float, default=None, help="default: the checkpoint config's "
-                        "(task presets decode greedily, 0)")
-    parser.add_argument("--top-p", type=float, default=None, help="default: the checkpoint config's")
+    parser.add_argument("--temperature", type=spec_type(SamplerSpec, "temperature", float), default=None,
+                        help="default: the checkpoint config's (task presets decode greedily, 0)")
+    parser.add_argument("--top-p", type=spec_type(SamplerSpec, "top_p", float), default=None,
+                        help="default: the checkpoint config's")
     parser.set_defaults(func=run)
 
 
@@ -44,8 +47,6 @@ def run(args) -> None:
     if task is None:
         raise UserError(f"checkpoint {loaded.path} was not trained on a task (data.source="
                         f"{loaded.config.data.source!r}); pass --task")
-    if args.n is not None and args.n < 1:
-        raise UserError(f"--n must be >= 1, got {args.n}")
     if args.temperature is None:
         args.temperature = loaded.config.sample.temperature
     if args.top_p is None:

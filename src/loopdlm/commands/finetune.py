@@ -3,6 +3,7 @@ pretrained checkpoint; looped models keep drawing S ~ U{1..S_max} per step."""
 
 from __future__ import annotations
 
+from loopdlm.commands.arguments import positive_int
 from loopdlm.config import apply_overrides, available_presets, load_config
 from loopdlm.data.task_source import (
     TASK_SOURCE_PREFIX,
@@ -28,9 +29,9 @@ def register(subparsers) -> None:
     parser.add_argument("--config", required=True, help=f"preset ({', '.join(available_presets())}) or YAML file")
     parser.add_argument("--init", default=None, help="start from this checkpoint's (EMA) weights; its model config "
                         "and tokenizer are used (same as train.init_from)")
-    parser.add_argument("--train-examples", type=int, default=None,
+    parser.add_argument("--train-examples", type=positive_int, default=None,
                         help="training examples (train split; default 20000, a task file: all of its train split)")
-    parser.add_argument("--val-examples", type=int, default=None,
+    parser.add_argument("--val-examples", type=positive_int, default=None,
                         help="distinct validation examples (val split; default 256, a task file: all of its val split)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=500 model.max_loops=6")
     parser.set_defaults(func=run)
@@ -47,13 +48,12 @@ def run(args) -> None:
         # The weights decide the architecture; only loop settings (which own no weights) may still be overridden.
         config.model = load_checkpoint_config(folder).model
         apply_overrides(config, [o for o in args.overrides if o.startswith("model.")])
+        config.validate()
     else:
         tokenizer = task_tokenizer(task)
     config.data.source = TASK_SOURCE_PREFIX + portable_spec(args.task)
     config.data.tokenizer = tokenizer.kind
     config.data.seq_len = sum(task.row_widths(tokenizer))
-    if any(count is not None and count < 1 for count in (args.train_examples, args.val_examples)):
-        raise UserError("--train-examples and --val-examples must be >= 1")
     # A task file gives all of its split by default; a generated task as many as asked.
     from_file = isinstance(task, FileTask)
     train_count = args.train_examples if args.train_examples is not None else (None if from_file else 20000)

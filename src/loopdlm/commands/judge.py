@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from loopdlm.commands.arguments import DEVICE_HELP, SEED_HELP, non_negative_int, positive_int
 from loopdlm.commands.sample import add_sampler_arguments, sampler_spec_from_args
 from loopdlm.config import available_presets, load_config
 from loopdlm.errors import UserError
@@ -35,13 +36,14 @@ def register(subparsers) -> None:
     genppl = subparsers.add_parser("genppl", help="generative perplexity of samples under a judge, with entropy")
     genppl.add_argument("--checkpoint", required=True, help="the diffusion model to sample from")
     genppl.add_argument("--judge", required=True, help="a train-judge run/checkpoint folder, or hf:LOCAL_PATH")
-    genppl.add_argument("--num-samples", type=int, default=16)
-    genppl.add_argument("--length", type=int, default=None, help="tokens per sample (default: training length)")
-    genppl.add_argument("--batch-size", type=int, default=8)
-    genppl.add_argument("--seed", type=int, default=0)
-    genppl.add_argument("--device", default="auto")
-    genppl.add_argument("--show", type=int, default=0, help="print this many samples")
-    genppl.add_argument("--json", action="store_true")
+    genppl.add_argument("--num-samples", type=positive_int, default=16, help="samples to score")
+    genppl.add_argument("--length", type=positive_int, default=None, help="tokens per sample (default: the training "
+                        "context)")
+    genppl.add_argument("--batch-size", type=positive_int, default=8, help="samples generated together")
+    genppl.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    genppl.add_argument("--device", default="auto", help=DEVICE_HELP)
+    genppl.add_argument("--show", type=non_negative_int, default=0, help="print this many samples")
+    genppl.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_sampler_arguments(genppl)
     genppl.set_defaults(func=run_genppl)
 
@@ -72,8 +74,6 @@ def run_genppl(args) -> None:
     tok, config = loaded.tokenizer, loaded.config
     spec = sampler_spec_from_args(args, config)
     length = args.length or config.data.seq_len
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise UserError("--num-samples and --batch-size must be >= 1")
     judge = load_judge(args.judge, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     rows: list[list[int]] = []

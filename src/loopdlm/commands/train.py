@@ -7,7 +7,7 @@ import os
 
 from loopdlm.config import available_presets, load_config
 from loopdlm.train.distributed import setup_distributed
-from loopdlm.train.trainer import Trainer
+from loopdlm.train.trainer import Trainer, format_validation
 from loopdlm.workflow import (
     absolute_paths,
     build_model,
@@ -54,5 +54,4 @@ def run(args) -> None:
     if dist.is_main:
         print(f"trained {result.step} steps -> {result.checkpoint}")
         for loops, values in sorted(result.eval_metrics.items()):
-            print(f"validation S={loops}: {values['nats_per_token']:.4f} nats/token, "
-                  f"PPL <= {values['ppl_bound']:.2f}")
+            print(f"validation S={loops}: {format_validation(values)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from loopdlm.commands.arguments import DEVICE_HELP, SEED_HELP, non_negative_int, positive_float, positive_int
 from loopdlm.train.codd_training import CoDDTrainConfig, train_codd_from_checkpoint
 
 
@@ -11,20 +12,21 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("train-codd", help="train a CoDD coupling prior (HMM) for a checkpoint")
     parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder (frozen denoiser)")
     parser.add_argument("--out", required=True, help="folder to write the prior into (use it with sample --codd)")
-    parser.add_argument("--states", type=int, default=defaults.n_states, help="HMM hidden states N")
-    parser.add_argument("--window", type=int, default=defaults.window,
+    parser.add_argument("--states", type=positive_int, default=defaults.n_states, help="HMM hidden states N")
+    parser.add_argument("--window", type=positive_int, default=defaults.window,
                         help="W: positions per HMM window; use the sampler's block length")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="Adam steps")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate on the HMM logits")
-    parser.add_argument("--batch-size", type=int, default=32, help="training sequences per step")
-    parser.add_argument("--loops", type=int, default=0, help="core applications S of the denoiser (0 = S_max)")
-    parser.add_argument("--topk", type=int, default=defaults.topk,
+    parser.add_argument("--steps", type=positive_int, default=defaults.steps, help="Adam steps")
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr, help="Adam learning rate on the HMM logits")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="training sequences per step")
+    parser.add_argument("--loops", type=non_negative_int, default=0,
+                        help="core applications S of the denoiser (0 = S_max)")
+    parser.add_argument("--topk", type=non_negative_int, default=defaults.topk,
                         help="cache the denoiser's top-k log-probs of a pool of noisy batches (0 = recompute "
                              "every step)")
-    parser.add_argument("--pool-batches", type=int, default=defaults.pool_batches,
+    parser.add_argument("--pool-batches", type=positive_int, default=defaults.pool_batches,
                         help="noisy batches in the top-k cache (with --topk)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help=SEED_HELP)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.set_defaults(func=run)
 
 

@@ -32,7 +32,9 @@ TOKENIZER_DIR = "tokenizer"
 
 @dataclass(frozen=True)
 class Manifest:
-    """Description of a prepared corpus. The train split is tokens [0, val_start), val is [val_start, num_tokens)."""
+    """Description of a prepared corpus. The train split is tokens [0, val_start), val is [val_start, num_tokens).
+    val_characters: characters of text the val split stands for (see `count_characters`); None in manifests
+    written before it was recorded."""
 
     source_fingerprint: str
     tokenizer_fingerprint: str
@@ -43,6 +45,7 @@ class Manifest:
     val_fraction: float
     vocab_size: int
     created_by: str
+    val_characters: int | None = None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -67,6 +70,17 @@ def load_manifest(out_dir: Path) -> Manifest:
     if not consistent:
         raise UserError(f"corrupt {path}: bad dtype, token count or split point")
     return manifest
+
+
+def count_characters(ids: np.ndarray, tokenizer: Tokenizer, chunk: int = 1 << 20) -> int:
+    """Characters of text that the token ids stand for: the decoded text's length, with each eos counted as one
+    character (the document separator it replaced). Decoded in chunks of `chunk` tokens to bound memory (a
+    multi-byte character split across a chunk boundary may count one more or less)."""
+    total = 0
+    for start in range(0, len(ids), chunk):
+        piece = np.asarray(ids[start:start + chunk]).tolist()
+        total += len(tokenizer.decode(piece)) + piece.count(tokenizer.eos_id)
+    return total
 
 
 def _tokens_file_matches(out_dir: Path, manifest: Manifest) -> bool:
@@ -142,6 +156,9 @@ def prepare_corpus(
             num_documents += 1
         if num_tokens == 0:
             raise UserError(f"corpus for {out_dir} is empty: no document has any text")
+        val_start = num_tokens - round(num_tokens * val_fraction)
+        stream.flush()
+        val_characters = count_characters(np.memmap(tmp, dtype=dtype, mode="r")[val_start:], tokenizer)
     tokenizer.save(out_dir / TOKENIZER_DIR)
 
     manifest = Manifest(
@@ -150,10 +167,11 @@ def prepare_corpus(
         dtype=dtype.name,
         num_tokens=num_tokens,
         num_documents=num_documents,
-        val_start=num_tokens - round(num_tokens * val_fraction),
+        val_start=val_start,
         val_fraction=val_fraction,
         vocab_size=tokenizer.vocab_size,
         created_by=f"loopdlm {importlib.metadata.version('loopdlm')}",
+        val_characters=val_characters,
     )
     with _atomic_path(manifest_path) as tmp:
         tmp.write_text(json.dumps(dataclasses.asdict(manifest), indent=2) + "\n", encoding="utf-8")
@@ -182,6 +200,7 @@ class TokenDataset:
         start, stop = (0, self.manifest.val_start) if split == "train" else (self.manifest.val_start, None)
         tokens = np.memmap(out_dir / TOKENS_FILE, dtype=self.manifest.dtype, mode="r")[start:stop]
         self.split = split
+        self._tokens = tokens
         self.seq_len = seq_len
         self.num_tokens = len(tokens)
         self.num_sequences = self.num_tokens // seq_len
@@ -190,6 +209,15 @@ class TokenDataset:
                 f"the {split} split of {out_dir} has {self.num_tokens} tokens, fewer than one sequence of {seq_len}"
             )
         self._sequences = tokens[: self.num_sequences * seq_len].reshape(self.num_sequences, seq_len)
+
+    def characters_per_token(self, tokenizer: Tokenizer, estimate_from: int = 1 << 20) -> float:
+        """Characters of text per token of this split (to turn bits/token into bits/character): recorded in the
+        manifest for the val split; otherwise (train split, or a corpus prepared before it was recorded) measured
+        on the split's first `estimate_from` tokens."""
+        if self.split == "val" and self.manifest.val_characters is not None:
+            return self.manifest.val_characters / self.num_tokens
+        sample = self._tokens[:estimate_from]
+        return count_characters(sample, tokenizer) / len(sample)
 
     def get(self, indices: torch.Tensor) -> torch.Tensor:
         """Sequences at `indices` (LongTensor [B], values in [0, num_sequences)) as a CPU LongTensor [B, seq_len]."""

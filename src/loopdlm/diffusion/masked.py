@@ -7,12 +7,14 @@ logits [B, L, V]; the trainer binds the loop count S into that callable.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from loopdlm.diffusion.schedules import Schedule, make_schedule, stratified_times
+from loopdlm.diffusion.schedules import SCHEDULES, Schedule, make_schedule, stratified_times
+from loopdlm.errors import ConfigError
+from loopdlm.settings import NON_NEGATIVE, POSITIVE, PROBABILITY, OneOf, Range, check_fields, setting
 
 #: tokens [B, L] -> logits [B, L, V]
 Denoiser = Callable[[Tensor], Tensor]
@@ -22,16 +24,28 @@ Denoiser = Callable[[Tensor], Tensor]
 class DiffusionConfig:
     """Noise process settings. `block_size` = None (or the sequence length) is MDLM; smaller is BD3-LM."""
 
-    schedule: str = "loglinear"
-    eps: float = 1e-3
-    antithetic: bool = True
-    block_size: int | None = None
-    clip_low: float = 0.0
-    clip_high: float = 1.0
-    adaptive_clip: bool = False
-    loop_supervision: float = field(default=0.0, metadata={
-        "help": "per-loop (deep) supervision: training loss = final NELBO + this weight x the mean NELBO read "
-                "out after each earlier loop (same noise); 0 = off. Reported NELBOs stay the final loop's"})
+    schedule: str = setting("loglinear", "noise schedule: " + " or ".join(SCHEDULES), OneOf(tuple(SCHEDULES)))
+    eps: float = setting(1e-3, "the schedule keeps a fraction eps of tokens unmasked at t = 1 (0 = BD3-LM's)",
+                         Range(0, 1, high_open=True))
+    antithetic: bool = setting(True, "stratified (antithetic) noise levels t across a batch")
+    block_size: int | None = setting(None, "block diffusion (BD3-LM) block length; unset or data.seq_len = MDLM",
+                                     POSITIVE)
+    clip_low: float = setting(0.0, "block diffusion: lower end of the clipped masking rate during training",
+                              PROBABILITY)
+    clip_high: float = setting(1.0, "block diffusion: upper end of the clipped masking rate during training",
+                               PROBABILITY)
+    adaptive_clip: bool = setting(False, "block diffusion: pick the lowest-variance clip interval on validation "
+                                  "data")
+
+    loop_supervision: float = setting(
+        0.0, "per-loop (deep) supervision: training loss = final NELBO + this weight x the mean NELBO read out after "
+        "each earlier loop (same noise); 0 = off. Reported NELBOs stay the final loop's", NON_NEGATIVE)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first out-of-range field."""
+        check_fields(self, "diffusion.")
+        if self.clip_low >= self.clip_high:
+            raise ConfigError(f"need diffusion.clip_low < diffusion.clip_high, got {self.clip_low}, {self.clip_high}")
 
 
 @dataclass

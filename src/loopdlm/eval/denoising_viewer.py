@@ -110,7 +110,7 @@ def write_viewer(path: str | Path, document: dict[str, Any]) -> None:
     _write_side_file(path, viewer_html(document))
 
 
-def write_trace_json(path: str | Path, document: dict[str, Any]) -> None:
+def write_json(path: str | Path, document: dict[str, Any]) -> None:
     """Write `document` as JSON to `path`; UserError (one line) when the folder is missing or unwritable."""
     _write_side_file(path, json.dumps(document))
 

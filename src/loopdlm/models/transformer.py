@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from torch.nn.utils import skip_init
 from torch.utils.checkpoint import checkpoint
 
+from loopdlm.errors import ConfigError
 from loopdlm.models.layers import Block, PastKV, init_weights
+from loopdlm.settings import NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields, setting
 
 #: Identifies one layer application: (layer index, loop index); loop index is 0 outside the core.
 LayerSlot = tuple[int, int]
@@ -41,62 +43,55 @@ class ModelConfig:
     the defaults.
     """
 
-    vocab_size: int = 0
-    n_layers: int = 6
-    d_model: int = 256
-    n_heads: int = 4
-    mlp_ratio: float = 4.0
-    core_start: int = 0
-    core_end: int = 0
-    max_loops: int = 1
-    input_injection: bool = field(default=False, metadata={
-        "help": "legacy spelling of injection=add (configs written before `injection` existed)"})
-    injection: str = field(default="none", metadata={
-        "help": "how the prelude output e re-enters the core: none; add (h + e before loops 2..S); concat "
-                "(Huginn's adapter Linear([h ; e]) -> d before every loop, starting as the identity on h)"})
-    residual_init: str = field(default="default", metadata={
-        "help": "residual branches at init: default (small random output projections); zero (attention-out "
-                "and MLP-down projections start at 0: every block starts as the identity); gated (a per-channel "
-                "gate on each branch, starting at 0, as DiT's adaLN-zero)"})
-    init_depth: str = field(default="stored", metadata={
-        "help": "depth that scales the residual output projections' init std 0.02 / sqrt(2 * depth): stored "
-                "(n_layers) or effective (the core counted max_loops times)"})
-    loop_norm: bool = field(default=False, metadata={
-        "help": "RMS-normalise the core output after every loop (own gain), so the carry re-entering the core "
-                "and the state entering the coda are normalised (as Huginn's recurrent state)"})
-    backprop_loops: int = field(default=0, metadata={
-        "help": "truncated backprop: only the last k loops build a graph, earlier ones run under no_grad "
-                "(as Huginn); 0 = backpropagate through every loop. Needs an injection so the prelude keeps "
-                "its gradient"})
-    checkpoint_loops: bool = False
-    tie_embeddings: bool = False
-    rope_theta: float = 10000.0
+    vocab_size: int = setting(0, "token ids, the mask included (0 = take the tokenizer's)", NON_NEGATIVE)
+    n_layers: int = setting(6, "transformer layers in total (prelude + core + coda)", POSITIVE)
+    d_model: int = setting(256, "hidden width; d_model / n_heads must be even", POSITIVE)
+    n_heads: int = setting(4, "attention heads", POSITIVE)
+    mlp_ratio: float = setting(4.0, "MLP hidden width as a multiple of d_model", Range(0, low_open=True))
+    core_start: int = setting(0, "first layer of the looped core (a in [a, b))", NON_NEGATIVE)
+    core_end: int = setting(0, "layer after the looped core (b; core_start = core_end is a plain transformer)",
+                            NON_NEGATIVE)
+    max_loops: int = setting(1, "S_max: training draws S in 1..S_max core applications per step", POSITIVE)
+    input_injection: bool = setting(False, "legacy spelling of injection=add (configs written before `injection` "
+                                    "existed)")
+    injection: str = setting(
+        "none", "how the prelude output e re-enters the core: none; add (h + e before loops 2..S); concat (Huginn's "
+        "adapter Linear([h ; e]) -> d before every loop, starting as the identity on h)", OneOf(INJECTIONS))
+    residual_init: str = setting(
+        "default", "residual branches at init: default (small random output projections); zero (attention-out and "
+        "MLP-down projections start at 0: every block starts as the identity); gated (a per-channel gate on each "
+        "branch, starting at 0, as DiT's adaLN-zero)", OneOf(RESIDUAL_INITS))
+    init_depth: str = setting(
+        "stored", "depth that scales the residual output projections' init std 0.02 / sqrt(2 * depth): stored "
+        "(n_layers) or effective (the core counted max_loops times)", OneOf(INIT_DEPTHS))
+    loop_norm: bool = setting(False, "RMS-normalise the core output after every loop (own gain), so the carry "
+                              "re-entering the core and the state entering the coda are normalised (as Huginn's "
+                              "recurrent state)")
+    backprop_loops: int = setting(
+        0, "truncated backprop: only the last k loops build a graph, earlier ones run under no_grad (as Huginn); "
+        "0 = backpropagate through every loop. Needs an injection so the prelude keeps its gradient", NON_NEGATIVE)
+    checkpoint_loops: bool = setting(False, "activation checkpointing per loop (memory flat in S)")
+    tie_embeddings: bool = setting(False, "share the input embedding with the output head")
+    rope_theta: float = setting(10000.0, "RoPE base", Range(0, low_open=True))
 
     def validate(self) -> None:
-        """Raise ValueError when the fields are inconsistent."""
-        if self.vocab_size < 2:
-            raise ValueError(f"model.vocab_size must be >= 2, got {self.vocab_size}")
-        if not 0 <= self.core_start <= self.core_end <= self.n_layers:
-            raise ValueError(
-                f"need 0 <= core_start <= core_end <= n_layers, got {self.core_start}, {self.core_end}, {self.n_layers}"
-            )
-        if self.max_loops < 1:
-            raise ValueError(f"model.max_loops must be >= 1, got {self.max_loops}")
+        """Raise ConfigError (a ValueError) naming the first out-of-range or inconsistent field."""
+        check_fields(self, "model.")
+        if self.vocab_size == 1:
+            raise ConfigError("model.vocab_size must be 0 (take the tokenizer's) or >= 2, got 1")
+        if not self.core_start <= self.core_end <= self.n_layers:
+            raise ConfigError(f"need model.core_start <= model.core_end <= model.n_layers, got {self.core_start}, "
+                              f"{self.core_end}, {self.n_layers}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError("model.d_model / model.n_heads must be an even integer (RoPE rotates channel pairs)")
-        for name, allowed in (("injection", INJECTIONS), ("residual_init", RESIDUAL_INITS),
-                              ("init_depth", INIT_DEPTHS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+            raise ConfigError(f"model.d_model / model.n_heads must be an even integer (RoPE rotates channel pairs), "
+                              f"got {self.d_model} / {self.n_heads}")
         if self.input_injection and self.injection not in ("none", "add"):
-            raise ValueError(f"model.input_injection=true means injection=add; it conflicts with "
-                             f"injection={self.injection}")
-        if self.backprop_loops < 0:
-            raise ValueError(f"model.backprop_loops must be >= 0, got {self.backprop_loops}")
+            raise ConfigError(f"model.input_injection=true means injection=add; it conflicts with "
+                              f"injection={self.injection}")
         if self.backprop_loops and self.core_layers and self.injection_mode == "none":
             # Without injection the prelude (and embedding) reach the loss only through the first loop, which
             # truncation runs without a graph: they would stop learning whenever S > backprop_loops.
-            raise ValueError("model.backprop_loops needs model.injection=add or concat")
+            raise ConfigError("model.backprop_loops needs model.injection=add or concat")
 
     @property
     def core_layers(self) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from loopdlm.errors import UserError
+from loopdlm.errors import ConfigError, UserError
 from loopdlm.models.transformer import LoopedTransformer
 from loopdlm.sampling.denoisers import ModelDenoiser
 from loopdlm.sampling.engine import SampleResult, Selector, generate
@@ -20,37 +20,47 @@ from loopdlm.sampling.loops import AdaptiveLoops, FixedLoops, ScheduledLoops
 from loopdlm.sampling.parallel import EntropyBoundedSelector, FactorSelector
 from loopdlm.sampling.selectors import AncestralSelector, FixedScheduleSelector, ThresholdSelector
 from loopdlm.sampling.wino import WinoDenoiser, WinoSelector
+from loopdlm.settings import NON_NEGATIVE, POSITIVE, PROBABILITY, OneOf, Range, check_fields, setting
 
 
 @dataclass
 class SamplerSpec:
-    """A complete sampler description (CLI flags map onto these fields).
+    """A complete sampler description (CLI flags map onto these fields; each field's metadata says what it means).
 
-    steps: denoising steps for the whole region (split evenly over blocks); block_length 0 = one block.
-    loops: core applications S (0 = the model's training S_max); loop_policy: 'fixed' | 'scheduled' | 'adaptive'.
-    factor: Fast-dLLM factor f ('factor'); eb_gamma: EB-sampler entropy budget in nats ('eb').
-    tau1 / tau2: WINO draft / verify thresholds ('wino'; tau2 = 0 never re-masks); the WINO draft cap per step is
-    min(max(floor(wino_accept_fraction * masked), wino_min_accept), wino_max_accept).
+    The WINO draft cap per step is min(max(floor(wino_accept_fraction * masked), wino_min_accept), wino_max_accept).
     """
 
-    sampler: str = "ancestral"
-    steps: int = 64
-    block_length: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    threshold: float = 0.9
-    loops: int = 0
-    loop_policy: str = "fixed"
-    min_loops: int = 1
-    loop_eps: float = 0.02
-    per_token_exit: bool = False
-    factor: float = 1.0
-    eb_gamma: float = 0.1
-    tau1: float = 0.6
-    tau2: float = 0.9
-    wino_accept_fraction: float = 0.7
-    wino_min_accept: int = 5
-    wino_max_accept: int = 20
+    sampler: str = setting("ancestral", "which slots to commit each step (a name registered in SELECTORS: "
+                           "ancestral, topk, random, threshold, factor, eb, wino)")
+    steps: int = setting(64, "denoising steps for the whole generated region (split evenly over blocks)", POSITIVE)
+    block_length: int = setting(0, "semi-autoregressive block length (0 = one block)", NON_NEGATIVE)
+    temperature: float = setting(1.0, "sampling temperature (0 = greedy)", NON_NEGATIVE)
+    top_p: float = setting(1.0, "nucleus sampling mass", Range(0, 1, low_open=True))
+    threshold: float = setting(0.9, "threshold sampler: commit slots whose confidence is at least this", PROBABILITY)
+    loops: int = setting(0, "core applications S per forward pass (0 = the model's training S_max)", NON_NEGATIVE)
+    loop_policy: str = setting("fixed", "fixed S; scheduled (more loops at middle mask ratios); adaptive (stop "
+                               "when the hidden state converges)", OneOf(("fixed", "scheduled", "adaptive")))
+    min_loops: int = setting(1, "scheduled policy: S at the start and end of decoding", POSITIVE)
+    loop_eps: float = setting(0.2, "adaptive policy: stop looping once ||h_k - h_(k-1)|| / ||h_k|| < this "
+                              "(0 = never stop early)", NON_NEGATIVE)
+    per_token_exit: bool = setting(False, "adaptive policy: freeze converged tokens instead of whole sequences")
+    factor: float = setting(1.0, "factor sampler: Fast-dLLM factor f", Range(0, low_open=True))
+    eb_gamma: float = setting(0.1, "eb sampler: entropy budget per step in nats", NON_NEGATIVE)
+    tau1: float = setting(0.6, "wino: draft threshold", PROBABILITY)
+    tau2: float = setting(0.9, "wino: verify threshold, re-mask below it (0 = never re-mask)", PROBABILITY)
+    wino_accept_fraction: float = setting(0.7, "wino: draft cap as a fraction of the masked slots",
+                                          Range(0, 1, low_open=True))
+    wino_min_accept: int = setting(5, "wino: draft cap at least this", POSITIVE)
+    wino_max_accept: int = setting(20, "wino: draft cap at most this", POSITIVE)
+
+    def validate(self, prefix: str = "") -> None:
+        """Raise ConfigError for a value out of range; `prefix` names where the values came from (e.g. 'sample.')."""
+        check_fields(self, prefix)
+        if self.sampler not in SELECTORS:
+            raise ConfigError(f"{prefix}sampler must be one of {', '.join(sorted(SELECTORS))}, got {self.sampler!r}")
+        if self.wino_min_accept > self.wino_max_accept:
+            raise ConfigError(f"{prefix}wino_min_accept ({self.wino_min_accept}) must be <= {prefix}wino_max_accept "
+                              f"({self.wino_max_accept})")
 
 
 SELECTORS: dict[str, Callable[[SamplerSpec, int], Selector]] = {

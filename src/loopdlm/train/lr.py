@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import math
 
+from loopdlm.config import LR_SCHEDULES as SCHEDULES
 from loopdlm.config import TrainConfig
 from loopdlm.errors import UserError
-
-SCHEDULES = ("cosine", "constant")
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:

@@ -66,13 +66,13 @@ from loopdlm.train.clipping import clip_gradients, clip_groups
 from loopdlm.train.ema import EMA
 from loopdlm.train.graceful_stop import GracefulStop, TrainingStopped
 from loopdlm.train.loop_counts import loops_for_step
+from loopdlm.eval.likelihood import bits_per_char
 from loopdlm.train.lr import learning_rate
 from loopdlm.train.run_lock import RunLock
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-PRECISIONS = ("auto", "fp32", "bf16")
 #: Without a progress bar (output not a terminal), a progress line at least this often besides the log_every ones.
 PROGRESS_SECONDS = 30.0
 
@@ -186,7 +186,7 @@ class Trainer:
                  tokenizer: Tokenizer | None = None, *, dist: DistInfo | None = None,
                  resume: bool | None = None):
         train = config.train
-        _validate(config)
+        config.validate()
         if config.model != model.config:
             raise ValueError("config.model must describe the model being trained (it is saved with checkpoints)")
         self.config, self.objective = config, objective
@@ -351,12 +351,14 @@ class Trainer:
 
         Each S sees the same eval_batches batches (the source is rewound) and the same noise (a generator
         re-seeded from (seed, rank)), eval_samples t-samples per batch, so values compare across evaluations and
-        across S. Returns {S: {"nats_per_token", "bits_per_token", "ppl_bound" (= exp(nats))}}.
+        across S. Returns {S: {"nats_per_token", "bits_per_token", "ppl_bound" (= exp(nats)), "scored_tokens",
+        and "bits_per_char" when the validation source knows its `characters_per_token`}}.
         """
         if self.val_source is None:
             return {}
         train = self.config.train
         generator = torch.Generator(device=self.device)
+        characters_per_token = getattr(self.val_source, "characters_per_token", None)
         results = {}
         self.model.eval()
         try:
@@ -379,7 +381,9 @@ class Trainer:
                     all_reduce_sum(totals, self.dist)
                     nats = (totals[0] / totals[1].clamp(min=1)).item()
                     results[loops] = {"nats_per_token": nats, "bits_per_token": nats / math.log(2),
-                                      "ppl_bound": math.exp(min(nats, 700.0))}
+                                      "ppl_bound": math.exp(min(nats, 700.0)), "scored_tokens": int(totals[1])}
+                    if characters_per_token:
+                        results[loops]["bits_per_char"] = bits_per_char(nats, characters_per_token)
                 reshard(self.model)
         finally:
             self.model.train()
@@ -546,8 +550,7 @@ class Trainer:
             self._write_metrics({"split": "val", "step": self.step, "loops": loops, **values,
                                  "tokens": self.tokens, "flops": self.flops, "elapsed": self.elapsed})
             if self.dist.is_main:
-                logger.info("step %d val S=%d: %.4f nats/token, ppl <= %.2f", self.step, loops,
-                            values["nats_per_token"], values["ppl_bound"])
+                logger.info("step %d val S=%d: %s", self.step, loops, format_validation(values))
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -561,6 +564,13 @@ class Trainer:
             raise UserError(f"cannot append to {path}: {os_error_text(err)}; {kept}") from None
 
 
+def format_validation(values: dict[str, Any]) -> str:
+    """One validation result as text: nats/token, bits/char (when known), the perplexity bound, tokens scored."""
+    per_char = f", {values['bits_per_char']:.4f} bits/char" if "bits_per_char" in values else ""
+    return (f"{values['nats_per_token']:.4f} nats/token{per_char}, PPL <= {values['ppl_bound']:.2f} "
+            f"({values['scored_tokens']} tokens scored)")
+
+
 def _objective_state(objective: Objective) -> dict[str, Any]:
     # MDLM has no state; block diffusion remembers its data-driven noise interval.
     return objective.state_dict() if hasattr(objective, "state_dict") else {}
@@ -568,21 +578,6 @@ def _objective_state(objective: Objective) -> dict[str, Any]:
 
 def _due(step: int, every: int, last: bool) -> bool:
     return last or (every > 0 and step % every == 0)
-
-
-def _validate(config: RunConfig) -> None:
-    train = config.train
-    learning_rate(1, train)  # rejects an unknown schedule name now rather than at the first step
-    loops_for_step(train.seed, 1, 2, train.loop_distribution, train.loop_curriculum_steps)  # likewise
-    if train.precision not in PRECISIONS:
-        raise UserError(f"unknown train.precision '{train.precision}'; choose one of {', '.join(PRECISIONS)}")
-    for name in ("grad_accum", "eval_batches", "eval_samples"):
-        if getattr(train, name) < 1:
-            raise UserError(f"train.{name} must be >= 1, got {getattr(train, name)}")
-    if train.steps < 0 or train.warmup_steps < 0:
-        raise UserError("train.steps and train.warmup_steps must be >= 0")
-    if any(not isinstance(s, int) or s < 1 for s in config.sample.eval_loops):
-        raise UserError(f"sample.eval_loops must be integers >= 1, got {config.sample.eval_loops}")
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
