@@ -215,4 +215,4 @@ def test_trace_is_written_after_the_samples_are_printed(trained_run, tmp_path, c
     assert code == 2 and out.count("--- sample") == 2 and "the samples above are complete" in err
     trace = tmp_path / "trace.json"
     assert main(["sample", "--checkpoint", str(run), "--steps", "4", "--trace", str(trace)]) == 0
-    assert len(json.loads(trace.read_text())["steps"]) == 1 + 4  # the all-masked canvas, then one per step
+    assert len(json.loads(trace.read_text())["steps"]) == 4  # one record per step; "rows" holds the start

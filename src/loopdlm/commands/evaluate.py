@@ -65,7 +65,7 @@ def run(args) -> None:
     task = task_from_source(config.data.source)
     if task is not None:
         scored = task_nelbo_batches(task, loaded.tokenizer, args.split, batches * batch_size, batch_size, seed)
-        what, characters_per_token = f"{task.name} answer tokens", None
+        what, characters_per_token = f"{task.name} answers", None
     else:
         dataset = checkpoint_corpus_split(config.data, loaded.tokenizer, args.split)
         # The same batch order and noise as the trainer's validation (single process: rank 0).

@@ -180,11 +180,20 @@ def run(args) -> None:
             print(f"--- sample {index}\n{text}")
     # Side files come after the samples, so a bad path loses nothing already printed.
     sys.stdout.flush()
+    try:
+        _write_side_files(args, record, meta, make_document if record_trace else None, stats, spec, loops)
+    except UserError as err:
+        raise UserError(f"{err}; the samples above are complete") from None
+
+
+def _write_side_files(args, record: dict, meta: dict, make_document, stats: dict, spec: SamplerSpec,
+                      loops: int) -> None:
+    """--out (the printed record), --trace (the decode as JSON) and --html (the page replaying it)."""
     if args.out:
         write_json(args.out, record)
-    if record_trace:
-        meta.update(samples=texts, stats=stats, sampler_summary=f"sampler {spec.sampler}, steps {stats['steps']}, "
-                    f"loops {loops} ({spec.loop_policy})" + (f", CoDD {args.codd}" if args.codd else ""),
+    if make_document is not None:
+        meta.update(samples=record["samples"], stats=stats, sampler_summary=f"sampler {spec.sampler}, steps "
+                    f"{stats['steps']}, loops {loops} ({spec.loop_policy})" + (f", CoDD {args.codd}" if args.codd else ""),
                     stats_summary=f"{stats['forward_passes']} forward passes, {stats['core_applications']:.1f} core "
                     f"applications per row, {stats['remasked']} re-masked")
         document = make_document(meta=meta)
