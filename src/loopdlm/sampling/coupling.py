@@ -7,8 +7,9 @@ Two strategies over the shared loop (`engine.generate`), both driven by a traine
   returns log_softmax(log q~_i + log E[z_i, .]) at every masked slot, q~ the sharpened q, as the reference does
   (liuanji/CoDD, `apply_pc_logits`); the unchanged selector then draws and ranks tokens by that distribution, so
   the tokens it commits are coupled through z. `combine_with_sharpened=False` adds log E[z] to the denoiser's own
-  q instead (see `HMMPrior.coupled_log_probs`). Passed as `sample(..., transforms=(CoDDTransform(...),))`, it composes with every selector, loop
-  policy and denoiser (a KV-cached block denoiser returns window log-probs like any other).
+  q instead (see `HMMPrior.coupled_log_probs`). Passed as `sample(..., transforms=(CoDDTransform(...),))`, it
+  composes with every selector, loop policy and denoiser (a KV-cached block denoiser returns window log-probs like
+  any other).
 * `AnyOrderCoDDSelector` wraps a selector. The inner selector decides which slots this step commits; the wrapper then
   commits them one at a time, most confident first, each token drawn from the exact conditional of the product of
   experts given every token committed so far (this step's included). Each commit re-queries only the HMM
