@@ -262,36 +262,44 @@ def test_sample_states_follows_hard_evidence_of_a_deterministic_emission():
     assert torch.equal(prior.sample_states(evidence, torch.Generator().manual_seed(0)), tokens)
 
 
-def test_one_state_uniform_emission_returns_the_factorised_distribution(window_batch):
+@pytest.mark.parametrize("temperature,combine_with_sharpened", [(1.0, True), (3.0, True), (0.1, False)])
+def test_one_state_uniform_emission_returns_the_factorised_distribution(window_batch, temperature,
+                                                                        combine_with_sharpened):
     log_q, tokens, observed = window_batch
     prior = HMMPrior(1, VOCAB).double()
     with torch.no_grad():
         prior.emit_logits.zero_()
     logits = 3.0 * log_q  # unnormalised on purpose: the result must be the renormalised q
-    out = prior.coupled_log_probs(logits, tokens, observed, temperature=0.1, generator=torch.Generator())
+    out = prior.coupled_log_probs(logits, tokens, observed, temperature=temperature, generator=torch.Generator(),
+                                  combine_with_sharpened=combine_with_sharpened)
     masked = ~observed
     torch.testing.assert_close(out[masked], torch.log_softmax(logits, dim=-1)[masked], rtol=0, atol=1e-12)
     assert torch.equal(out[observed], logits[observed])
     assert torch.equal(out.argmax(-1)[masked], logits.argmax(-1)[masked])
 
 
-def test_combine_with_sharpened_adds_emission_to_tempered_q_like_the_reference(window_batch):
+def test_default_adds_emission_to_tempered_q_like_the_reference(window_batch):
     log_q, tokens, observed = window_batch
     prior = HMMPrior(1, VOCAB).double()
     with torch.no_grad():
         prior.emit_logits.zero_()
-    out = prior.coupled_log_probs(log_q, tokens, observed, 0.2, torch.Generator(), combine_with_sharpened=True)
+    out = prior.coupled_log_probs(log_q, tokens, observed, 0.2, torch.Generator())
     masked = ~observed
     torch.testing.assert_close(out[masked], sharpen(log_q, 0.2)[masked], rtol=0, atol=1e-12)
 
 
-def test_coupled_log_probs_adds_emission_of_a_path_sampled_from_sharpened_evidence(prior, window_batch):
+@pytest.mark.parametrize("combine_with_sharpened", [True, False])
+def test_coupled_log_probs_adds_emission_of_a_path_sampled_from_sharpened_evidence(prior, window_batch,
+                                                                                   combine_with_sharpened):
     log_q, tokens, observed = window_batch
     temperature = 0.3
-    evidence = prior.emission_evidence(sharpen(log_q, temperature), tokens, observed, chunk_size=2)
+    sharpened = sharpen(log_q, temperature)
+    evidence = prior.emission_evidence(sharpened, tokens, observed, chunk_size=2)
     states = prior.sample_states(evidence, torch.Generator().manual_seed(5))
-    expected = torch.log_softmax(log_q + prior.log_E.detach()[states], dim=-1)
-    out = prior.coupled_log_probs(log_q, tokens, observed, temperature, torch.Generator().manual_seed(5), 2)
+    base = sharpened if combine_with_sharpened else log_q
+    expected = torch.log_softmax(base + prior.log_E.detach()[states], dim=-1)
+    out = prior.coupled_log_probs(log_q, tokens, observed, temperature, torch.Generator().manual_seed(5), 2,
+                                  combine_with_sharpened)
     masked = ~observed
     torch.testing.assert_close(out[masked], expected[masked], rtol=0, atol=1e-12)
     assert torch.equal(out[observed], log_q[observed])

@@ -116,12 +116,17 @@ def trained_pair_prior() -> HMMPrior:
 
 
 @pytest.mark.parametrize("sampler,block_length", [("topk", 0), ("threshold", 0), ("ancestral", 4), ("topk", 4)])
-def test_one_state_uniform_prior_reproduces_the_factorised_sampler_token_for_token(sampler, block_length):
+@pytest.mark.parametrize("temperature,combine_with_sharpened", [(1.0, True), (0.1, False)])
+def test_one_state_uniform_prior_reproduces_the_factorised_sampler_token_for_token(sampler, block_length,
+                                                                                   temperature, combine_with_sharpened):
+    """tau >= 1 does not sharpen, and combine_with_sharpened=False couples the unsharpened q: either way a prior
+    that carries no information leaves the sampler exactly as it was."""
     model = make_model()
     canvas = prompt_canvas([[5, 6, 7], [8], [9, 10]], 16, MASK, PAD)
     spec = SamplerSpec(sampler=sampler, steps=6, block_length=block_length, loops=2, threshold=0.2)
     plain = sample(model, canvas, MASK, spec, torch.Generator().manual_seed(3))
-    transform = CoDDTransform(uniform_one_state_prior(model.config.vocab_size), temperature=0.1, gamma=1.5)
+    transform = CoDDTransform(uniform_one_state_prior(model.config.vocab_size), temperature=temperature, gamma=1.5,
+                              combine_with_sharpened=combine_with_sharpened)
     coupled = sample(model, canvas, MASK, spec, torch.Generator().manual_seed(3), transforms=(transform,))
     assert torch.equal(coupled.tokens, plain.tokens)
     assert coupled.stats.committed_per_step == plain.stats.committed_per_step
@@ -131,7 +136,7 @@ def test_one_state_uniform_prior_transform_is_active_and_returns_the_renormalise
     log_probs = torch.log_softmax(torch.randn(2, 5, 7), dim=-1)
     selectable = torch.tensor([[True, True, False, True, False], [False] * 5])
     tokens = torch.where(selectable, torch.zeros(2, 5, dtype=torch.long), torch.full((2, 5), 3))
-    out = CoDDTransform(uniform_one_state_prior(7), gamma=1.5)(log_probs, tokens, selectable)
+    out = CoDDTransform(uniform_one_state_prior(7), temperature=1.0, gamma=1.5)(log_probs, tokens, selectable)
     assert out is not log_probs
     torch.testing.assert_close(out, log_probs, rtol=0, atol=1e-6)
 

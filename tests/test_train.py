@@ -427,7 +427,7 @@ def test_block_diffusion_adapts_its_noise_interval_on_validation_and_resumes_it(
 
     def objective():
         return BlockDiffusion(MASK_ID, block_size=4, seq_len=SEQ_LEN, adaptive_clip=True,
-                              candidates=((0.0, 1.0), (0.5, 1.0)))
+                              candidates=((0.0, 1.0), (0.5, 1.0)), clip_search_batches=3)
 
     tokens = random_corpus()
     config = run_config(eval_every=2, ckpt_every=2, steps=4)
@@ -445,3 +445,28 @@ def test_block_diffusion_adapts_its_noise_interval_on_validation_and_resumes_it(
     config.train.steps = 4
     make_trainer(config, tmp_path, tokens, objective=resumed).fit()
     assert resumed.clip == first.clip
+
+
+def test_validation_hook_gets_the_objectives_batch_count_with_their_noisable_masks(tmp_path):
+    class RecordingObjective(MaskedDiffusion):
+        validation_batches = 5
+
+        def __init__(self):
+            super().__init__(MASK_ID)
+            self.calls = []
+
+        def on_validation(self, denoiser, batches, log):
+            self.calls.append(batches)
+
+    val_tokens, val_noisable = random_corpus(8, seed=99), prompt_masks(8, seed=98)
+    objective = RecordingObjective()
+    model = LoopedTransformer(run_config().model)
+    val = TensorBatchSource(val_tokens, val_noisable, batch_size=4, seed=2)
+    Trainer(run_config(eval_every=2, steps=2), model, objective, TensorBatchSource(random_corpus(), batch_size=4,
+                                                                                   seed=1), val, tmp_path).fit()
+    (batches,) = objective.calls
+    assert len(batches) == 5
+    reference = TensorBatchSource(val_tokens, val_noisable, batch_size=4, seed=2)
+    for x0, noisable in batches:
+        expected_x0, expected_noisable = reference.next_batch()
+        assert torch.equal(x0, expected_x0) and torch.equal(noisable, expected_noisable)

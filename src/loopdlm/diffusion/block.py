@@ -9,8 +9,9 @@ Noise (decisions made here, where the paper and reference leave room):
   * one t per (sequence, block), stratified over the flattened batch x blocks grid and then randomly permuted over
     that grid: blocks are not exchangeable (block 0 has no context), so a fixed stratum order would give early
     blocks systematically lower t;
-  * masking probability 1 - alpha_t = (1 - eps) t and weight 1/t, exactly MDLM's log-linear schedule, so L' = L
-    gives the MDLM loss for the same t and mask;
+  * t in [max(beta, eps), omega] with eps = 1e-3 by default, masking probability t and weight 1/t, as the reference
+    (kuleshov-group/bd3lms: `_sample_t` draws t in [sampling_eps_min, sampling_eps_max], default [1e-3, 1], and
+    `LogLinearNoise` masks with probability t); L' = L gives the MDLM loss for the same t and mask;
   * clipped training interval t ~ U[beta, omega]: the reference redraws a block's mask until its masked fraction lies
     in [beta, omega]. We sample that same conditional distribution directly and without a retry loop: the number of
     masked tokens k ~ Binomial(n, p_t) truncated to k / n in [beta, omega], then k positions uniformly at random
@@ -33,11 +34,12 @@ from loopdlm.diffusion.masked import (
     average_terms,
     subs_log_probs,
     weighted_masked_nll,
+    weighted_token_nll,
 )
 from loopdlm.diffusion.schedules import LogLinear, stratified_times
 from loopdlm.errors import UserError
 
-#: Smallest diffusion time used, so that the weight 1/t stays finite when eps = 0.
+#: Floor of t when eps = 0, so that the weight 1/t stays finite.
 MIN_TIME = 1e-6
 #: tokens [B, L_in] (+ position_ids [1, L_in], attn_mask) -> logits [B, L_in, V]; the trainer binds the loop count.
 BlockDenoiser = Callable[..., Tensor]
@@ -118,7 +120,10 @@ class BlockDiffusion:
         clip_low, clip_high: the training interval [beta, omega] for t (masked fraction of each block kept inside).
         adaptive_clip: let `on_validation` switch the interval to the lowest-variance one among `candidates`.
         candidates: (beta, omega) pairs for the data-driven choice; default `default_clip_candidates()`.
-        eps: log-linear schedule floor (t = eps + (1 - eps) u); BD3-LM uses 0, MDLM 1e-3.
+        clip_search_batches: how many validation batches `on_validation` scores each candidate on (exposed to the
+            trainer as `validation_batches`; the reference uses up to 100).
+        eps: smallest diffusion time: t ~ U[max(beta, eps), omega] (the reference's sampling_eps_min, 1e-3); the
+            masking probability is t itself and the weight 1/t. eps = 0 floors t at MIN_TIME instead.
         antithetic: stratify the (sequence, block) times; otherwise i.i.d. uniform.
         attention: 'dense' (bool SDPA mask, any device) or 'flex' (FlexAttention BlockMask; needs a model whose
             attention accepts one and, for training, a CUDA device: this torch has no FlexAttention backward on CPU).
@@ -126,16 +131,22 @@ class BlockDiffusion:
 
     def __init__(self, mask_id: int, block_size: int, seq_len: int | None = None, clip_low: float = 0.0,
                  clip_high: float = 1.0, adaptive_clip: bool = False, candidates: Sequence[Interval] | None = None,
-                 eps: float = 0.0, antithetic: bool = True, attention: str = "dense"):
+                 eps: float = 1e-3, antithetic: bool = True, attention: str = "dense", clip_search_batches: int = 100):
         if block_size < 1:
             raise UserError(f"block_size must be >= 1, got {block_size}")
         if seq_len is not None and seq_len > block_size and seq_len % block_size:
             raise UserError(f"block_size {block_size} must divide the sequence length {seq_len}")
         if attention not in ("dense", "flex"):
             raise UserError(f"attention must be 'dense' or 'flex', got {attention!r}")
+        if not 0.0 <= eps < 1.0:
+            raise UserError(f"block diffusion eps (smallest diffusion time) must lie in [0, 1), got {eps}")
+        if clip_search_batches < 1:
+            raise UserError(f"clip_search_batches must be >= 1, got {clip_search_batches}")
         self.mask_id = mask_id
         self.block_size = block_size
-        self.schedule = LogLinear(eps)
+        self.eps = eps
+        self.schedule = LogLinear(0.0)  # masking probability t, weight 1/t
+        self.validation_batches = clip_search_batches
         self.antithetic = antithetic
         self.attention = attention
         self.adaptive_clip = adaptive_clip
@@ -161,15 +172,15 @@ class BlockDiffusion:
     # ----------------------------------------------------------------------------------------------- noise
     def sample_times(self, rows: int, blocks: int, generator: torch.Generator | None, device: torch.device | str,
                      interval: Interval = (0.0, 1.0)) -> Tensor:
-        """One time per (sequence, block) in [eps + (1-eps) beta, eps + (1-eps) omega]: float32 [rows, blocks]."""
-        low, high = interval
+        """One time per (sequence, block), uniform on [max(beta, eps), max(omega, eps)] (the reference clamps both
+        ends at sampling_eps): float32 [rows, blocks], floored at MIN_TIME."""
+        low, high = (max(end, self.eps) for end in interval)
         count = rows * blocks
         if self.antithetic:
-            times = stratified_times(count, self.schedule.eps, generator, device, low, high)
+            times = stratified_times(count, 0.0, generator, device, low, high)
             times = times[torch.randperm(count, generator=generator, device=device)]
         else:
-            u = low + (high - low) * torch.rand(count, generator=generator, device=device)
-            times = self.schedule.eps + (1 - self.schedule.eps) * u
+            times = low + (high - low) * torch.rand(count, generator=generator, device=device)
         return times.view(rows, blocks).clamp_min(MIN_TIME)
 
     def add_noise(self, x0: Tensor, generator: torch.Generator | None = None, noisable: Tensor | None = None,
@@ -289,24 +300,49 @@ class BlockDiffusion:
         return average_terms([self.nelbo(denoiser, x0, generator, noisable, unclipped=True) for _ in range(samples)])
 
     # ----------------------------------------------------------------------------------------------- schedule
+    def block_losses(self, denoiser: BlockDenoiser, x0: Tensor, noise: BlockNoise, noisable: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor]:
+        """The loss of every (sequence, block) under a given noise draw: its weighted NLL summed over the block and
+        divided by the block's noisable tokens (all L' of them without `noisable`, which is the reference's
+        per-block mean). Returns (losses float [B, n_blocks], scored bool [B, n_blocks]: blocks with a noisable
+        token; the others hold 0)."""
+        batch, length = x0.shape
+        block = self._effective_block(length)
+        log_probs = subs_log_probs(self.logits(denoiser, noise.xt, x0), self.mask_id)
+        token_nll = weighted_token_nll(log_probs, x0, noise.masked, noise.weight).view(batch, -1, block)
+        counts = (noisable.view(batch, -1, block).sum(dim=-1) if noisable is not None
+                  else torch.full(token_nll.shape[:2], block, device=x0.device))
+        return token_nll.sum(dim=-1) / counts.clamp(min=1), counts > 0
+
     @torch.no_grad()
-    def on_validation(self, denoiser: BlockDenoiser, batches: list[Tensor], log: Callable[[dict], None]) -> None:
-        """Data-driven clipped schedule: estimate, for each candidate (beta, omega), the variance of the per-batch
-        training NELBO over `batches` (int64 [B, L] each) and switch the training interval to the lowest. Every
-        candidate is scored with the same seed (common random numbers). With one batch the per-row variance is used.
-        Under torch.distributed the statistics are pooled over ranks, so every rank picks the same interval.
-        Does nothing unless `adaptive_clip`; logs {'clip_low', 'clip_high', 'clip_var[beta,omega]': ...}."""
+    def on_validation(self, denoiser: BlockDenoiser, batches: Sequence[Tensor | tuple[Tensor, Tensor | None]],
+                      log: Callable[[dict], None]) -> None:
+        """Data-driven clipped schedule, as the reference's `_clipped_schedule_search` (kuleshov-group/bd3lms):
+        for each candidate (beta, omega), draw the training noise of that interval on every validation batch, take
+        the loss of every (sequence, block) (`block_losses`), and its variance within the batch; the candidate with
+        the lowest mean of those per-batch variances becomes the training interval.
+
+        batches: clean validation batches, each x0 int64 [B, L] or (x0, noisable bool [B, L] or None); the trainer
+        draws `validation_batches` of them (the reference scores up to 100). Blocks without a noisable token (a
+        prompt) are left out. Every candidate is scored with the same seed (common random numbers). Under
+        torch.distributed each batch's variance is pooled over ranks, so every rank picks the same interval.
+        Does nothing unless `adaptive_clip`; logs {'clip_low', 'clip_high', 'clip_var[beta,omega]': mean variance}.
+        """
         if not self.adaptive_clip or not batches:
             return
+        pairs = [batch if isinstance(batch, tuple) else (batch, None) for batch in batches]
         current = self.clip
         variances: dict[Interval, float] = {}
         try:
             for interval in self.candidates:
                 self.clip = interval
-                generator = torch.Generator(device=batches[0].device).manual_seed(0)
-                terms = [self.nelbo(denoiser, x0, generator) for x0 in batches]
-                values = torch.stack([term.loss for term in terms]) if len(terms) > 1 else terms[0].per_row
-                variances[interval] = _variance_across_ranks(values.double())
+                generator = torch.Generator(device=pairs[0][0].device).manual_seed(0)
+                per_batch = []
+                for x0, noisable in pairs:
+                    losses, scored = self.block_losses(denoiser, x0, self.add_noise(x0, generator, noisable),
+                                                       noisable)
+                    per_batch.append(_variance_across_ranks(losses[scored].double()))
+                variances[interval] = sum(per_batch) / len(per_batch)
         finally:
             self.clip = current
         self.clip = min(variances, key=variances.get)
@@ -324,13 +360,16 @@ class BlockDiffusion:
 
 
 def _variance_across_ranks(values: Tensor) -> float:
-    """Unbiased variance of `values` [n] pooled over every torch.distributed rank (just this rank's otherwise)."""
+    """Unbiased variance of `values` [n] pooled over every torch.distributed rank (just this rank's otherwise);
+    0 when fewer than two values exist in all."""
     moments = torch.stack((torch.tensor(float(values.numel()), dtype=values.dtype, device=values.device),
                            values.sum(), (values * values).sum()))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(moments)
     count, total, squares = moments.tolist()
-    return (squares - total * total / count) / max(count - 1, 1)
+    if count < 2:
+        return 0.0
+    return (squares - total * total / count) / (count - 1)
 
 
 def build_block_objective(diffusion_config: DiffusionConfig, mask_id: int, seq_len: int,
@@ -343,4 +382,5 @@ def build_block_objective(diffusion_config: DiffusionConfig, mask_id: int, seq_l
     block_size = diffusion_config.block_size or seq_len
     return BlockDiffusion(mask_id, block_size, seq_len=seq_len, clip_low=diffusion_config.clip_low,
                           clip_high=diffusion_config.clip_high, adaptive_clip=diffusion_config.adaptive_clip,
-                          eps=diffusion_config.eps, antithetic=diffusion_config.antithetic, attention=attention)
+                          eps=diffusion_config.eps, antithetic=diffusion_config.antithetic, attention=attention,
+                          clip_search_batches=diffusion_config.clip_search_batches)

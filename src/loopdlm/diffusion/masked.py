@@ -22,7 +22,12 @@ Denoiser = Callable[[Tensor], Tensor]
 
 @dataclass
 class DiffusionConfig:
-    """Noise process settings. `block_size` = None (or the sequence length) is MDLM; smaller is BD3-LM."""
+    """Noise process settings. `block_size` = None (or the sequence length) is MDLM; smaller is BD3-LM.
+
+    eps is the smallest diffusion time. MDLM: t in [eps, 1], masking probability (1 - eps) t (kuleshov-group/mdlm's
+    log-linear noise with sampling_eps). BD3-LM: t in [max(clip_low, eps), clip_high], masking probability t
+    (kuleshov-group/bd3lms `_sample_t` with sampling_eps_min = 1e-3); eps = 0 is floored at 1e-6.
+    """
 
     schedule: str = setting("loglinear", "noise schedule: " + " or ".join(SCHEDULES), OneOf(tuple(SCHEDULES)))
     eps: float = setting(1e-3, "the schedule keeps a fraction eps of tokens unmasked at t = 1 (0 = BD3-LM's)",
@@ -36,7 +41,8 @@ class DiffusionConfig:
                                PROBABILITY)
     adaptive_clip: bool = setting(False, "block diffusion: pick the lowest-variance clip interval on validation "
                                   "data")
-
+    clip_search_batches: int = setting(100, "block diffusion with adaptive_clip: validation batches drawn to score "
+                                       "each candidate noise interval (the BD3-LM reference uses up to 100)", POSITIVE)
     loop_supervision: float = setting(
         0.0, "per-loop (deep) supervision: training loss = final NELBO + this weight x the mean NELBO read out after "
         "each earlier loop (same noise); 0 = off. Reported NELBOs stay the final loop's", NON_NEGATIVE)
@@ -86,15 +92,20 @@ def apply_mask(x0: Tensor, mask_prob: Tensor, noisable: Tensor | None, mask_id: 
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
 
-def weighted_masked_nll(log_probs: Tensor, x0: Tensor, masked: Tensor, weight: Tensor) -> Tensor:
-    """SUBS (b) + NELBO integrand: sum over masked positions of w * -log p(x0). Unmasked positions carry over
-    with probability 1 and contribute exactly 0.
+def weighted_token_nll(log_probs: Tensor, x0: Tensor, masked: Tensor, weight: Tensor) -> Tensor:
+    """SUBS (b) + NELBO integrand per token: w * -log p(x0) at masked positions, exactly 0 at unmasked ones (they
+    carry over with probability 1).
 
     Args: log_probs float [B, L, V]; x0 int64 [B, L]; masked bool [B, L]; weight float broadcastable to [B, L].
-    Returns: float [B], per-row sums in nats.
+    Returns: float [B, L] in nats.
     """
     nll = -log_probs.gather(-1, x0[..., None]).squeeze(-1)
-    return (torch.where(masked, nll, torch.zeros_like(nll)) * weight).sum(dim=1)
+    return torch.where(masked, nll, torch.zeros_like(nll)) * weight
+
+
+def weighted_masked_nll(log_probs: Tensor, x0: Tensor, masked: Tensor, weight: Tensor) -> Tensor:
+    """`weighted_token_nll` summed over each row: float [B], per-row sums in nats."""
+    return weighted_token_nll(log_probs, x0, masked, weight).sum(dim=1)
 
 
 def average_terms(draws: list[NelboTerms]) -> NelboTerms:

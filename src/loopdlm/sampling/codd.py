@@ -73,14 +73,17 @@ def _log_add_exp(a: Tensor, b: Tensor) -> Tensor:
 
 
 def sharpen(log_q: Tensor, temperature: float) -> Tensor:
-    """Temper a per-position distribution: log_softmax(log_q / temperature) over the last axis.
+    """CoDD's tempered evidence: log_softmax(log_q / tau) when 0 < tau < 1, plain log_softmax(log_q) when tau >= 1.
 
-    log_q: [..., V] float log-probabilities (or logits). temperature: > 0; below 1 sharpens, 1 only renormalises.
+    Follows the reference (liuanji/CoDD, `apply_pc_logits`), which divides the block's logits by pc_temperature only
+    when 0 < pc_temperature < 1: tau never flattens the denoiser's distribution.
+    log_q: [..., V] float log-probabilities (or logits). temperature: tau > 0.
     Returns [..., V] in the compute dtype (float32 or float64).
     """
     if not temperature > 0:
         raise UserError(f"CoDD temperature must be > 0, got {temperature}")
-    return torch.log_softmax(log_q.to(_compute_dtype(log_q)) / temperature, dim=-1)
+    log_q = log_q.to(_compute_dtype(log_q))
+    return torch.log_softmax(log_q / temperature if temperature < 1 else log_q, dim=-1)
 
 
 def should_couple(observed: Tensor, max_mask_ratio: float) -> Tensor:
@@ -284,19 +287,20 @@ class HMMPrior(nn.Module):
         temperature: float,
         generator: torch.Generator | None = None,
         chunk_size: int | None = None,
-        combine_with_sharpened: bool = False,
+        combine_with_sharpened: bool = True,
     ) -> Tensor:
         """CoDD's per-step operation: the denoiser's distribution coupled through one sampled HMM path, [B, W, V].
 
         log_q: [B, W, V] denoiser log-probs (or logits); tokens: [B, W] long; observed: [B, W] bool;
         temperature tau > 0. The path z is sampled from the posterior given the evidence of the sharpened
-        q^(1/tau) (observed positions hard). Masked positions return log_softmax(base + log E[z_i, .]); observed
-        positions return log_q unchanged.
+        q^(1/tau) (`sharpen`; observed positions hard). Masked positions return log_softmax(base + log E[z_i, .]);
+        observed positions return log_q unchanged.
 
-        base: by default the ORIGINAL q, as the design specifies, so a one-state HMM with uniform emission returns
-        exactly the factorised distribution and an unchanged selector sees the denoiser's own confidences. The
-        reference implementation (liuanji/CoDD, apply_pc_logits) instead adds log E[z] to the sharpened
-        log_softmax(logits / tau); pass combine_with_sharpened=True to reproduce it.
+        base: by default the sharpened log_softmax(log_q / tau), as the reference does (liuanji/CoDD,
+        `apply_pc_logits`: the sampled emissions are added to the tempered soft evidence, and the sampler then
+        draws candidates and ranks confidences from that sum). combine_with_sharpened=False adds log E[z] to the
+        denoiser's own q instead: the selector then sees unsharpened confidences (a threshold keeps its meaning at
+        any tau) and a one-state, uniform-emission HMM returns exactly the factorised distribution.
         """
         sharpened = sharpen(log_q, temperature)
         evidence = self.emission_evidence(sharpened, tokens, observed, chunk_size)

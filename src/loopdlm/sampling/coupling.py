@@ -2,11 +2,14 @@
 
 Two strategies over the shared loop (`engine.generate`), both driven by a trained `HMMPrior` (sampling/codd.py):
 
-* `CoDDTransform` is a `LogitTransform`. Each step it sharpens the denoiser's distribution by 1/tau, samples one
-  hidden path z of the HMM given that soft evidence (observed tokens are hard evidence), and returns
-  log_softmax(log q_i + log E[z_i, .]) at every masked slot; the unchanged selector then commits tokens that are
-  coupled through z. Passed as `sample(..., transforms=(CoDDTransform(...),))`, it composes with every selector, loop
-  policy and denoiser (a KV-cached block denoiser returns window log-probs like any other).
+* `CoDDTransform` is a `LogitTransform`. Each step it sharpens the denoiser's distribution by 1/tau (only when
+  tau < 1), samples one hidden path z of the HMM given that soft evidence (observed tokens are hard evidence), and
+  returns log_softmax(log q~_i + log E[z_i, .]) at every masked slot, q~ the sharpened q, as the reference does
+  (liuanji/CoDD, `apply_pc_logits`); the unchanged selector then draws and ranks tokens by that distribution, so
+  the tokens it commits are coupled through z. `combine_with_sharpened=False` adds log E[z] to the denoiser's own
+  q instead (see `HMMPrior.coupled_log_probs`). Passed as `sample(..., transforms=(CoDDTransform(...),))`, it
+  composes with every selector, loop policy and denoiser (a KV-cached block denoiser returns window log-probs like
+  any other).
 * `AnyOrderCoDDSelector` wraps a selector. The inner selector decides which slots this step commits; the wrapper then
   commits them one at a time, most confident first, each token drawn from the exact conditional of the product of
   experts given every token committed so far (this step's included). Each commit re-queries only the HMM
@@ -19,7 +22,8 @@ gamma gate: the HMM never saw longer chains, and its chain cannot carry informat
 
 Randomness: the HMM's draws come from the strategy's own generator (seeded by `seed`), never from the sampler's. So
 adding CoDD leaves the sampler's candidate and selector draws where they were: with a one-state, uniform-emission
-prior the transform reproduces the factorised sampler token for token.
+prior the transform reproduces the factorised sampler token for token when tau >= 1 (no sharpening) or with
+combine_with_sharpened=False, and the factorised sampler on q^(1/tau) otherwise.
 
 Persistence: `save_codd_layer` / `load_codd_layer` store the prior on its own (safetensors + codd_config.json with
 n_states, vocab_size, window and the tokenizer fingerprint) and load it beside any checkpoint whose vocabulary and
@@ -75,18 +79,21 @@ class CoDDTransform:
 
     Args:
         prior: the trained HMMPrior, on the device the sampler runs on; its vocab_size must equal the model's.
-        temperature: tau > 0; the path is sampled from the evidence of q^(1/tau) (the paper uses 0.1-0.2).
+        temperature: tau > 0; the path is sampled from the evidence of q^(1/tau) (the paper uses 0.1-0.2); tau >= 1
+            does not sharpen (the reference tempers only when 0 < tau < 1).
         gamma: couple a (chunk of a) window only while its mask ratio is strictly below gamma (paper: 0.3-0.7);
             0 never couples (the input tensor is returned as is), any value above 1 always does.
         window: the W the prior was trained on; longer engine windows are coupled in chunks of W. None: no chunking.
         chunk_size: vocabulary chunk of the soft-evidence computation (bounds memory for large V); None = all of V.
-        combine_with_sharpened: add log E[z] to the sharpened q, as the reference implementation does, instead of
-            the denoiser's own q (see HMMPrior.coupled_log_probs).
+        combine_with_sharpened: True (default, the reference's rule): add log E[z] to the sharpened q, so the
+            selector draws and ranks by the sharpened, coupled distribution. False: add it to the denoiser's own q,
+            so the selector's confidences stay unsharpened (e.g. for a threshold selector whose tau should keep its
+            meaning at any CoDD temperature). See HMMPrior.coupled_log_probs.
         seed: seed of the transform's own generator (see the module docstring).
     """
 
     def __init__(self, prior: HMMPrior, temperature: float = 0.1, gamma: float = 0.5, window: int | None = None,
-                 chunk_size: int | None = None, combine_with_sharpened: bool = False, seed: int = 0):
+                 chunk_size: int | None = None, combine_with_sharpened: bool = True, seed: int = 0):
         _check_options(temperature, gamma, window)
         self.prior = prior
         self.temperature = temperature
@@ -128,7 +135,8 @@ class AnyOrderCoDDSelector:
     per step, and the selector's own rule, are unchanged); those slots are then filled in order of decreasing
     confidence, each with a token drawn from p^(x_i | x_t, tokens committed before it), where p^ is the product of
     experts HMM(x) * prod_j q_j(x_j) with the other masked slots' evidence taken from the sharpened q^(1/tau) and
-    slot i's own factor the denoiser's q (the sharpened one with combine_with_sharpened). After each commit the
+    slot i's own factor the sharpened q too (the denoiser's own q with combine_with_sharpened=False). The slots and
+    their order come from the inner selector's view of the denoiser's distribution. After each commit the
     evidence of that slot becomes hard (`update_evidence`), so the next draw is conditioned on it; no extra
     transformer pass is made. Rows (chunks) outside the gamma gate keep the engine's factorised candidates.
 
@@ -143,7 +151,7 @@ class AnyOrderCoDDSelector:
     """
 
     def __init__(self, inner: Selector, prior: HMMPrior, temperature: float = 0.1, gamma: float = 0.5,
-                 window: int | None = None, chunk_size: int | None = None, combine_with_sharpened: bool = False,
+                 window: int | None = None, chunk_size: int | None = None, combine_with_sharpened: bool = True,
                  sampling_temperature: float = 1.0, top_p: float = 1.0, seed: int = 0):
         _check_options(temperature, gamma, window)
         self.inner = inner

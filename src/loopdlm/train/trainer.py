@@ -94,7 +94,9 @@ class Objective(Protocol):
     """A diffusion training objective such as `MaskedDiffusion` or `BlockDiffusion`.
 
     Optional extras the trainer uses when present: `on_validation(denoiser, batches, log)` (e.g. the data-driven
-    clipped schedule of block diffusion) and `state_dict()` / `load_state_dict()` (saved with checkpoints).
+    clipped schedule of block diffusion; batches are (x0, noisable) pairs, `validation_batches` of them when the
+    objective has that attribute, else train.eval_batches) and `state_dict()` / `load_state_dict()` (saved with
+    checkpoints).
     """
 
     def nelbo(self, denoiser: Denoiser, x0: Tensor, generator: torch.Generator | None = None,
@@ -403,7 +405,10 @@ class Trainer:
             return self.model(tokens, loops=loops, **inputs).logits
 
         self.val_source.load_state_dict(self.val_start)
-        batches = [self.val_source.next_batch()[0].to(self.device) for _ in range(train.eval_batches)]
+        batches = []
+        for _ in range(getattr(self.objective, "validation_batches", train.eval_batches)):
+            x0, noisable = self.val_source.next_batch()
+            batches.append((x0.to(self.device), noisable.to(self.device) if noisable is not None else None))
         self.model.eval()
         try:
             with self._autocast():

@@ -7,8 +7,9 @@
    the answer is masked; targets are the tokens finally accepted at step k.
 3. Loss: cross-entropy on the targets, + w_min * entropy of targets the model already gets right but unsurely
    (max prob < 0.9), - w_max * entropy of masked non-target slots of the current block where the model is confident
-   (max prob > 0.6) and wrong (argmax != the verified final token). All three are sums divided by the number of
-   targets, so the weights compare like-for-like per target token.
+   (max prob > 0.6) and wrong (argmax != the verified final token). As in the reference (WINO+, Feng-Hong/WINO-DLLM),
+   each term is the mean over its own positions (CE over the targets, sharpening over the unsure targets, deferral
+   over the confident errors), pooled over the batch; a term with no positions is 0.
    Optionally (`SupervisedAnchor`) the model's own task NELBO on clean training rows is added at every step, so the
    fine-tune cannot trade task knowledge for confidence; optionally (`EarlyStopping`) a held-out score is checked
    every few steps and the best weights (possibly the starting ones) are kept.
@@ -253,8 +254,8 @@ class WinoPlusLossWeights:
 
 @dataclass
 class WinoPlusLoss:
-    """total: the scalar to minimise; ce, entropy_min, entropy_max: the three terms per target token (unweighted,
-    detached), and the number of slots each entropy term covered."""
+    """total: the scalar to minimise; ce, entropy_min, entropy_max: the three terms, each a mean over its own slots
+    (unweighted, detached), and the number of slots each entropy term covered."""
 
     total: Tensor
     ce: float
@@ -262,6 +263,11 @@ class WinoPlusLoss:
     entropy_max: float
     unsure_targets: int
     confident_errors: int
+
+
+def _mean_over(values: Tensor, where: Tensor) -> Tensor:
+    """Mean of values [N, L] over the slots where `where` [N, L] is set (0, with a zero gradient, when none is)."""
+    return torch.where(where, values, torch.zeros_like(values)).sum() / where.sum().clamp(min=1)
 
 
 def wino_plus_loss(log_probs: Tensor, rows: WinoPlusRows, mask_id: int,
@@ -277,13 +283,11 @@ def wino_plus_loss(log_probs: Tensor, rows: WinoPlusRows, mask_id: int,
         unsure_targets = rows.targets & correct & (top_prob < weights.unsure_below)
         other_masked = rows.block & (rows.inputs == mask_id) & ~rows.targets
         confident_errors = other_masked & ~correct & (top_prob > weights.confident_above)
-    n_targets = rows.targets.sum().clamp(min=1)
     nll = -log_probs.gather(-1, rows.clean[..., None]).squeeze(-1)
     entropy = predictive_entropy(log_probs)
-    zero = torch.zeros_like(entropy)
-    ce = torch.where(rows.targets, nll, zero).sum() / n_targets
-    entropy_min = torch.where(unsure_targets, entropy, zero).sum() / n_targets
-    entropy_max = torch.where(confident_errors, entropy, zero).sum() / n_targets
+    ce = _mean_over(nll, rows.targets)
+    entropy_min = _mean_over(entropy, unsure_targets)
+    entropy_max = _mean_over(entropy, confident_errors)
     total = ce + weights.w_min * entropy_min - weights.w_max * entropy_max
     return WinoPlusLoss(total=total, ce=float(ce.detach()), entropy_min=float(entropy_min.detach()),
                         entropy_max=float(entropy_max.detach()),
