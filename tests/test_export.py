@@ -1,6 +1,8 @@
 """Hugging Face export: the folder loads offline with transformers (trust_remote_code), gives loopdlm's logits at
-S = 1 and S > S_max, and its tokenizer (char or BPE) encodes and decodes exactly as loopdlm's."""
+S = 1, S_max and S > S_max with every LoopMDM recipe option, refuses options it does not know, and its tokenizer
+(char or BPE) encodes and decodes exactly as loopdlm's."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,12 +12,27 @@ from conftest import make_model
 from loopdlm.cli import main
 from loopdlm.config import RunConfig
 from loopdlm.data.tokenizers import CharTokenizer, train_bpe
+from loopdlm.errors import UserError
 from loopdlm.export.hf import export_hf
+from loopdlm.models import LoopedTransformer, ModelConfig
 from loopdlm.workflow import LoadedModel
 
 transformers = pytest.importorskip("transformers")
 
 TEXT = "ROMEO: what light through yonder window breaks?\nJULIET: ay me!"
+#: Model options per case: each recipe option on its own (training-only ones included), and all of them at once.
+OPTIONS = {
+    "plain": dict(),
+    "legacy-add": dict(input_injection=True),
+    "add": dict(injection="add"),
+    "concat": dict(injection="concat"),
+    "zero": dict(residual_init="zero"),
+    "gated": dict(residual_init="gated"),
+    "loop-norm": dict(loop_norm=True),
+    "training-only": dict(injection="add", init_depth="effective", backprop_loops=1, checkpoint_loops=True),
+    "all": dict(injection="concat", residual_init="gated", loop_norm=True, init_depth="effective",
+                backprop_loops=2, tie_embeddings=True),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -24,22 +41,25 @@ def offline(monkeypatch):
 
 
 def loaded_model(tokenizer, seq_len=32, **model_kwargs) -> LoadedModel:
+    """A perturbed 4-layer model with a 2-layer core (S_max = 3); input injection unless the options say otherwise."""
     config = RunConfig()
     config.data.seq_len = seq_len
-    model = make_model(vocab_size=tokenizer.vocab_size, n_layers=4, core=(1, 3), max_loops=3,
-                       input_injection=True, **model_kwargs)
+    model_kwargs = model_kwargs or dict(input_injection=True)
+    model = make_model(vocab_size=tokenizer.vocab_size, n_layers=4, core=(1, 3), max_loops=3, **model_kwargs)
     return LoadedModel(model, tokenizer, config, path=None)
 
 
 def load_hf(directory):
-    model = transformers.AutoModelForMaskedLM.from_pretrained(directory, trust_remote_code=True)
+    model, info = transformers.AutoModelForMaskedLM.from_pretrained(directory, trust_remote_code=True,
+                                                                    output_loading_info=True)
+    assert not any(info.values()), info  # every stored tensor has its place and every parameter was stored
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(directory)
     return model.eval(), tokenizer
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_exported_model_gives_loopdlm_logits_at_any_loop_count(tmp_path, tie):
-    loaded = loaded_model(CharTokenizer.from_text(TEXT), tie_embeddings=tie)
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_exported_model_gives_loopdlm_logits_at_any_loop_count(tmp_path, name):
+    loaded = loaded_model(CharTokenizer.from_text(TEXT), **OPTIONS[name])
     export_hf(loaded, tmp_path / "hf")
     model, _ = load_hf(tmp_path / "hf")
     tokens = torch.tensor([loaded.tokenizer.encode(TEXT[:24]), loaded.tokenizer.encode(TEXT[24:48])])
@@ -52,8 +72,47 @@ def test_exported_model_gives_loopdlm_logits_at_any_loop_count(tmp_path, tie):
         assert not torch.allclose(loaded.model(tokens, loops=1).logits, loaded.model(tokens, loops=7).logits)
         padded = model(tokens, loops=2, attention_mask=torch.ones_like(tokens)).logits
         assert torch.allclose(padded, loaded.model(tokens, loops=2).logits, atol=1e-5, rtol=0)
-    if tie:
+    if loaded.model.config.tie_embeddings:
         assert model.head.weight.data_ptr() == model.embed.weight.data_ptr()
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    recorded = dataclasses.asdict(loaded.model.config)
+    recorded["injection"] = loaded.model.config.injection_mode
+    for key in ("injection", "residual_init", "loop_norm", "init_depth", "backprop_loops", "checkpoint_loops"):
+        assert written[key] == recorded[key], key
+    assert "input_injection" not in written
+
+
+def test_fresh_exported_model_starts_as_loopdlm_does(tmp_path):
+    """from_config (no weights) gives gates 0, the concat adapter [I | 0] and unit loop-norm gains, as loopdlm."""
+    loaded = loaded_model(CharTokenizer.from_text(TEXT), **OPTIONS["all"])
+    export_hf(loaded, tmp_path / "hf")
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    fresh = transformers.AutoModelForMaskedLM.from_config(config, trust_remote_code=True)
+    reference = LoopedTransformer(loaded.model.config)
+    for name, param in reference.named_parameters():
+        if param.dim() == 1 or name == "injection_adapter.weight":
+            assert torch.equal(fresh.get_parameter(name), param), name
+    with torch.no_grad():  # residual projections N(0, 0.02 / sqrt(2 n_layers)), the others N(0, 0.02)
+        assert abs(float(fresh.layers[0].attn.out.weight.std()) - 0.02 / 8 ** 0.5) < 0.004
+        assert abs(float(fresh.layers[0].attn.qkv.weight.std()) - 0.02) < 0.004
+
+
+def test_export_refuses_model_options_it_does_not_know(tmp_path, monkeypatch, capsys):
+    """A future field or choice must stop the export (one line, exit 2) before anything is written."""
+    loaded = loaded_model(CharTokenizer.from_text(TEXT), injection="concat")
+    loaded.model.config.injection = "gru"
+    with pytest.raises(UserError, match="injection='gru'"):
+        export_hf(loaded, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    future = dataclasses.make_dataclass("FutureModelConfig", [("loop_gate", bool, False)], bases=(ModelConfig,))
+    loaded = loaded_model(CharTokenizer.from_text(TEXT))
+    loaded.model.config = future(**dataclasses.asdict(loaded.model.config))
+    monkeypatch.setattr("loopdlm.commands.export.load_pretrained", lambda *args, **kwargs: loaded)
+    capsys.readouterr()
+    assert main(["export", "run", "--hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loop_gate" in err[0], err
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])

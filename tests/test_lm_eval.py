@@ -7,7 +7,12 @@ import os
 import pytest
 import torch
 
+from conftest import make_model
 from loopdlm.cli import main
+from loopdlm.config import RunConfig
+from loopdlm.data.tokenizers import CharTokenizer
+from loopdlm.eval.continuation import ContinuationScorer
+from loopdlm.train.checkpoint import save_checkpoint
 
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -112,3 +117,27 @@ def test_loopdlm_lm_eval_command_forwards_to_the_harness(facts_run, task_dir, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "checkpoint not found" in err[-1] and err[-1].startswith("loopdlm lm-eval: error:")
     assert os.path.isdir(out)
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_a_checkpoint_with_every_loop_option_scores_as_its_model_and_generates(tmp_path, block_size):
+    """The adapter loads a checkpoint with every LoopMDM recipe option on (concat injection, gated branches, loop
+    norm, and the training-only ones), scores exactly as the model it was saved from, and generates."""
+    tokenizer = CharTokenizer.from_text(" ".join(f"{key} {value}." for key, value in PAIRS.items()))
+    model = make_model(vocab_size=tokenizer.vocab_size, injection="concat", residual_init="gated", loop_norm=True,
+                       init_depth="effective", backprop_loops=2)
+    config = RunConfig()
+    config.model, config.data.seq_len, config.diffusion.block_size = model.config, 16, block_size
+    state = model.state_dict()
+    save_checkpoint(tmp_path / "run", 1, model_state=state, ema_state=state, training_state={"step": 1},
+                    config=config, tokenizer_saver=tokenizer.save)
+    lm = LoopDLMEval(checkpoint=str(tmp_path / "run"), loops=4, likelihood="chain_rule", sampler="topk", steps=4)
+    assert lm.loaded.model.config == model.config
+    expected = ContinuationScorer(model, tokenizer.mask_id, 16, 4, block_size).chain_rule(
+        [(tokenizer.encode("cat"), tokenizer.encode(f" {value}")) for value in PAIRS.values()])
+    scores = [score for score, _ in lm.loglikelihood(requests_for("cat"))]
+    assert scores == pytest.approx([e.log_likelihood for e in expected], abs=1e-5)
+    assert len(set(scores)) > 1
+    request = Instance("generate_until", {}, ("dog ", {"until": ["."], "max_gen_toks": 6, "do_sample": False}), 0)
+    assert isinstance(lm.generate_until([request])[0], str)
+    assert lm.generation["core_applications"] == 4 * lm.generation["forward_passes"] > 0
