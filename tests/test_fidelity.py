@@ -83,7 +83,7 @@ def test_codd_selector_ranks_slots_by_the_sharpened_coupled_distribution(combine
     transform = CoDDTransform(one_state_prior([0.25] * 4).float(), temperature=0.5, gamma=1.5, **option)
     result = generate(FixedDenoiser(probs.log()), torch.full((1, 2), MASK), FixedScheduleSelector(2), MASK,
                       temperature=0.0, transforms=(transform,), record_trace=True)
-    after_first_step = result.trace[1][0]  # trace[0] is the fully masked start
+    after_first_step = result.trace.canvases()[1][0]  # canvases()[0] is the fully masked start
     assert after_first_step[first] == 1 and after_first_step[1 - first] == MASK
 
 

@@ -24,7 +24,8 @@ PAIRS = {"cat": "red", "dog": "big", "sun": "hot", "owl": "shy"}
 
 @pytest.fixture(scope="module")
 def facts_run(tmp_path_factory):
-    """A looped MDLM trained briefly on lines 'cat red.', 'dog big.', ... in random order."""
+    """A looped MDLM trained on lines 'cat red.', 'dog big.', ... in random order (1000 steps: at 600 the chain rule
+    still ranked one pair wrong)."""
     root = tmp_path_factory.mktemp("facts")
     generator = torch.Generator().manual_seed(0)
     lines = [f"{key} {value}." for key, value in PAIRS.items()]
@@ -32,12 +33,11 @@ def facts_run(tmp_path_factory):
     (root / "corpus.txt").write_text("\n".join(lines[i] for i in picks))
     run = root / "run"
     overrides = ["model.n_layers=3", "model.d_model=64", "model.n_heads=2", "model.core_start=1",
-                 "model.core_end=2", "model.max_loops=2", "data.seq_len=16", "train.steps=600",
+                 "model.core_end=2", "model.max_loops=2", "data.seq_len=16", "train.steps=1000",
                  "train.batch_size=32", "train.lr=0.004", "train.lr_schedule=constant", "train.warmup_steps=10",
-                 "train.ema_decay=0", "train.eval_every=600", "train.eval_batches=1", "train.ckpt_every=600",
-                 "train.log_every=600", f"data.source=text:{root / 'corpus.txt'}", f"data.cache_dir={root / 'cache'}",
+                 "train.ema_decay=0", "train.eval_every=1000", "train.eval_batches=1", "train.ckpt_every=1000",
+                 "train.log_every=1000", f"data.source=text:{root / 'corpus.txt'}", f"data.cache_dir={root / 'cache'}",
                  f"train.out_dir={run}"]
-    torch.manual_seed(0)  # `loopdlm train` initialises the model from the global RNG
     assert main(["train", "--config", "tiny-cpu", *overrides]) == 0
     return run
 

@@ -9,10 +9,13 @@ tokens only, prompts always visible); any other checkpoint on its corpus split.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+
+from tqdm import tqdm
 
 from loopdlm.commands.arguments import DEVICE_HELP, positive_int
 from loopdlm.data.task_source import task_from_source, task_nelbo_batches
-from loopdlm.eval.likelihood import likelihood_bound
+from loopdlm.eval.likelihood import likelihood_bound, paired_difference
 from loopdlm.train.trainer import derived_seed
 from loopdlm.workflow import (
     SPLIT_SEED_OFFSET,
@@ -73,8 +76,13 @@ def run(args) -> None:
         scored = [source.next_batch() for _ in range(batches)]
         what, characters_per_token = "tokens", dataset.characters_per_token(loaded.tokenizer)
     objective = build_objective(config, loaded.tokenizer.mask_id)
-    reports = [likelihood_bound(loaded.model, objective, scored, s, samples, derived_seed("eval", seed, 0),
-                                characters_per_token) for s in loops]
+    with tqdm(total=len(loops) * len(scored), desc="eval", unit="batch", disable=args.json,
+              dynamic_ncols=True) as bar:
+        reports = []
+        for s in loops:
+            bar.set_postfix(S=s)
+            reports.append(likelihood_bound(loaded.model, objective, _counted(scored, bar), s, samples,
+                                            derived_seed("eval", seed, 0), characters_per_token))
     if args.json:
         print(json.dumps([r.as_dict() for r in reports]))
         return
@@ -88,8 +96,19 @@ def run(args) -> None:
     per_char = f"{characters_per_token:.3f} characters/token" if characters_per_token else "no bits/char (task)"
     print(f"# {loaded.path} | {args.split} split, {reports[0].tokens} {what} scored ({len(scored)} batches of "
           f"{batch_size}), K={samples}, {per_char} | {agreement}")
-    print(f"{'S':>4} {'nats/token':>11} {'bits/token':>11} {'bits/char':>10} {'PPL <=':>9}")
+    reference = reports[0]
+    print(f"{'S':>4} {'nats/token':>11} {'+- s.e.':>8} {'bits/token':>11} {'bits/char':>10} {'PPL <=':>9} "
+          f"{'vs S=' + str(reference.loops) + ' (paired s.e.)':>26}")
     for r in reports:
         per_char = f"{r.bits_per_char:>10.4f}" if r.bits_per_char is not None else f"{'n/a':>10}"
-        print(f"{r.loops:>4} {r.nats_per_token:>11.4f} {r.bits_per_token:>11.4f} {per_char} "
-              f"{r.perplexity_bound:>9.3f}")
+        difference, error = paired_difference(r, reference)
+        versus = f"{difference:+.4f} +- {error:.4f}" if r is not reference else "-"
+        print(f"{r.loops:>4} {r.nats_per_token:>11.4f} {r.standard_error:>8.4f} {r.bits_per_token:>11.4f} {per_char} "
+              f"{r.perplexity_bound:>9.3f} {versus:>26}")
+
+
+def _counted(batches: list, bar: tqdm) -> Iterator:
+    """The batches, advancing the progress bar as each is scored."""
+    for batch in batches:
+        yield batch
+        bar.update(1)

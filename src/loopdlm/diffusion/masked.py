@@ -30,7 +30,8 @@ class DiffusionConfig:
     """
 
     schedule: str = setting("loglinear", "noise schedule: " + " or ".join(SCHEDULES), OneOf(tuple(SCHEDULES)))
-    eps: float = setting(1e-3, "the schedule keeps a fraction eps of tokens unmasked at t = 1 (0 = BD3-LM's)",
+    eps: float = setting(1e-3, "MDLM: the schedule keeps a fraction eps of tokens unmasked at t = 1; block "
+                         "diffusion: the smallest noise level t (BD3-LM's 1e-3; 0 = a 1e-6 floor)",
                          Range(0, 1, high_open=True))
     antithetic: bool = setting(True, "stratified (antithetic) noise levels t across a batch")
     block_size: int | None = setting(None, "block diffusion (BD3-LM) block length; unset or data.seq_len = MDLM",

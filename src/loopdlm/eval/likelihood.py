@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -15,12 +15,20 @@ from loopdlm.models.transformer import LoopedTransformer
 @dataclass
 class LikelihoodReport:
     """NELBO in nats per token, bits per token and the perplexity bound exp(nats); tokens scored; bits per
-    character when the characters per token of the scored text are known."""
+    character when the characters per token of the scored text are known; each batch's NLL sum and scored tokens
+    (for standard errors)."""
 
     loops: int
     nats_per_token: float
     tokens: int
     characters_per_token: float | None = None
+    batch_nll: list[float] = field(default_factory=list)
+    batch_tokens: list[float] = field(default_factory=list)
+
+    @property
+    def standard_error(self) -> float:
+        """Standard error of nats_per_token over the scored batches (ratio estimator; nan below two batches)."""
+        return _ratio_standard_error(self.batch_nll, self.batch_tokens)
 
     @property
     def bits_per_token(self) -> float:
@@ -36,7 +44,28 @@ class LikelihoodReport:
 
     def as_dict(self) -> dict[str, float]:
         return {"loops": self.loops, "nats_per_token": self.nats_per_token, "bits_per_token": self.bits_per_token,
-                "bits_per_char": self.bits_per_char, "ppl_bound": self.perplexity_bound, "tokens": self.tokens}
+                "bits_per_char": self.bits_per_char, "ppl_bound": self.perplexity_bound, "tokens": self.tokens,
+                "standard_error": self.standard_error}
+
+
+def paired_difference(report: LikelihoodReport, reference: LikelihoodReport) -> tuple[float, float]:
+    """(report - reference in nats/token, its standard error) for two reports scored on the same batches with the
+    same noise (as `likelihood_bound` does for every S under one seed): the shared noise cancels batch by batch,
+    so a difference in S is resolved far below either report's own standard error."""
+    if report.batch_tokens != reference.batch_tokens:
+        raise ValueError("paired_difference needs two reports over the same batches")
+    difference = [a - b for a, b in zip(report.batch_nll, reference.batch_nll)]
+    return report.nats_per_token - reference.nats_per_token, _ratio_standard_error(difference, report.batch_tokens)
+
+
+def _ratio_standard_error(sums: list[float], counts: list[float]) -> float:
+    """Standard error of sum(sums) / sum(counts) over n >= 2 batches (delta method for a ratio of means)."""
+    n, total = len(sums), sum(counts)
+    if n < 2 or total <= 0:
+        return math.nan
+    ratio = sum(sums) / total
+    residuals = sum((value - ratio * count) ** 2 for value, count in zip(sums, counts))
+    return math.sqrt(n / (n - 1) * residuals) / total
 
 
 def bits_per_char(nats_per_token: float, characters_per_token: float | None) -> float | None:
@@ -59,7 +88,7 @@ def likelihood_bound(model: LoopedTransformer, objective, batches: Iterable[tupl
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    total_nll, total_tokens = 0.0, 0.0
+    batch_nll, batch_tokens = [], []
 
     def denoiser(tokens: Tensor, **kwargs) -> Tensor:
         return model(tokens, loops=loops, **kwargs).logits
@@ -68,8 +97,10 @@ def likelihood_bound(model: LoopedTransformer, objective, batches: Iterable[tupl
         x0 = x0.to(device)
         noisable = noisable.to(device) if noisable is not None else None
         terms = objective.bound(denoiser, x0, generator, noisable, samples)
-        total_nll += float(terms.nll_sum)
-        total_tokens += float(terms.n_tokens)
+        batch_nll.append(float(terms.nll_sum))
+        batch_tokens.append(float(terms.n_tokens))
     model.train(was_training)
-    return LikelihoodReport(loops=loops, nats_per_token=total_nll / max(total_tokens, 1.0), tokens=int(total_tokens),
-                            characters_per_token=characters_per_token)
+    total_tokens = sum(batch_tokens)
+    return LikelihoodReport(loops=loops, nats_per_token=sum(batch_nll) / max(total_tokens, 1.0),
+                            tokens=int(total_tokens), characters_per_token=characters_per_token,
+                            batch_nll=batch_nll, batch_tokens=batch_tokens)
