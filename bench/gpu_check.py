@@ -168,14 +168,6 @@ def mfu(ctx: Context, result: dict) -> None:
     peak, matmul = env.get("peak_flops"), env.get("matmul_flops_per_s")
     rows = []
     result.update(steps=ctx.sizes.mfu_steps, peak_flops=peak, rows=rows)
-    if any(ctx.sizes.mfu_compile):
-        # torch 2.13 (seen on CPU): a block graph served from inductor's FX-graph / AOT-autograd caches (a second
-        # model of the same shapes, or a second process) fails with garbage view sizes; compile afresh each time.
-        import torch._functorch.config
-        import torch._inductor.config
-
-        torch._inductor.config.fx_graph_cache = False
-        torch._functorch.config.enable_autograd_cache = False
     for compiled in ctx.sizes.mfu_compile:
         for preset in ("loopmdm-small", "mdlm-small"):
             config = ctx.preset(preset)

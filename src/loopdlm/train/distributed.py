@@ -100,7 +100,17 @@ def _bind(device: torch.device) -> torch.device:
 
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each transformer block in place. Compiling blocks, not the whole forward, keeps one graph
-    for every loop count S (the loop itself stays in Python)."""
+    for every loop count S (the loop itself stays in Python).
+
+    Inductor's FX-graph and AOT-autograd caches are switched off for the process: in torch 2.13 (seen on CPU) a
+    block graph served from them (a second model of the same shapes, or a later process) fails with garbage view
+    sizes ("shape '[94321143237888, ...]' is invalid"); compiling afresh costs seconds per block and is safe.
+    """
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     for block in model.layers:
         block.compile()
 
