@@ -6,7 +6,7 @@ import torch
 from conftest import make_model
 from loopdlm.errors import UserError
 from loopdlm.sampling.autoregressive import generate_autoregressive
-from loopdlm.train.autoregressive import causal_mask
+from loopdlm.models.layers import causal_mask
 
 
 def _causal_model(core=(0, 0), max_loops=1):

@@ -12,9 +12,11 @@ from loopdlm.config import load_config
 from loopdlm.data.corpus import TokenDataset
 from loopdlm.data.tokenizers import CharTokenizer
 from loopdlm.eval.genppl import GenPPLReport, LoopedJudge, distinct_n, generative_perplexity, unigram_entropy
-from loopdlm.train.autoregressive import CausalTransformer, NextTokenObjective, causal_mask
+from loopdlm.models.layers import causal_mask
+from loopdlm.models.transformer import LoopedTransformer
+from loopdlm.train.autoregressive import NextTokenObjective
 from loopdlm.train.trainer import Trainer
-from loopdlm.workflow import CorpusBatchSource, build_model, build_objective, prepare_data
+from loopdlm.workflow import CorpusBatchSource, build_model, build_objective, load_pretrained, prepare_data
 
 
 def test_unigram_entropy_and_distinct_n_on_hand_cases():
@@ -30,7 +32,7 @@ def test_unigram_entropy_and_distinct_n_on_hand_cases():
 
 def _judge_model(vocab):
     torch.manual_seed(0)
-    model = CausalTransformer(make_model(vocab_size=vocab, n_layers=2, core=(0, 0), max_loops=1).config)
+    model = LoopedTransformer(make_model(vocab_size=vocab, n_layers=2, core=(0, 0), max_loops=1, causal=True).config)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.1)
@@ -100,3 +102,25 @@ def test_train_judge_and_genppl_commands_run_end_to_end(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert math.isfinite(report["gen_ppl"]) and report["gen_ppl"] > 1.0
     assert 0.0 <= report["entropy"] <= math.log(16) and report["num_samples"] == 3 and report["loops"] == 2
+
+
+def test_a_judge_checkpoint_records_its_causality_and_is_refused_as_a_denoiser(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question. " * 60)
+    run = tmp_path / "judge"
+    assert main(["train-judge", "--config", "judge-tiny", f"data.source=text:{corpus}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "data.seq_len=16", "data.val_fraction=0.2",
+                 "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "train.batch_size=4", "train.steps=2",
+                 "train.warmup_steps=1", "train.eval_every=2", "train.eval_batches=1", "train.device=cpu",
+                 f"train.out_dir={run}"]) == 0
+    capsys.readouterr()
+    loaded = load_pretrained(run)
+    assert loaded.model.config.causal
+    tokens = torch.randint(3, loaded.model.config.vocab_size, (1, 10))
+    changed = tokens.clone()
+    changed[0, 7:] = 3
+    # Causal without being told: positions before the change see the same logits.
+    assert torch.equal(loaded.model(tokens).logits[0, :7], loaded.model(changed).logits[0, :7])
+    for command in (["sample"], ["eval"]):
+        assert main([*command, "--checkpoint", str(run), "--device", "cpu"]) == 2
+        assert "autoregressive judge" in capsys.readouterr().err

@@ -132,9 +132,8 @@ def absolute_paths(config: RunConfig) -> None:
         config.train.init_from = os.path.abspath(config.train.init_from)
 
 
-def build_model(model: ModelConfig, vocab_size: int, model_class: type[LoopedTransformer] = LoopedTransformer,
-                *, seed: int | None = None) -> LoopedTransformer:
-    """A fresh `model_class` network on the CPU; `model.vocab_size` 0 means "take the tokenizer's".
+def build_model(model: ModelConfig, vocab_size: int, *, seed: int | None = None) -> LoopedTransformer:
+    """A fresh network on the CPU; `model.vocab_size` 0 means "take the tokenizer's".
 
     With `seed`, the initial weights are a fixed function of (seed, model config): they are drawn inside a forked
     CPU random state seeded from `seed`, so the same command starts from the same weights on every device and
@@ -149,7 +148,7 @@ def build_model(model: ModelConfig, vocab_size: int, model_class: type[LoopedTra
         with seeded:
             if seed is not None:
                 torch.manual_seed(derived_seed("init", seed))
-            return model_class(model)
+            return LoopedTransformer(model)
     except ValueError as exc:
         raise UserError(f"bad model config: {exc}") from None
 
@@ -207,13 +206,18 @@ class LoadedModel:
     path: Path
 
 
-def load_pretrained(checkpoint: str | Path, device: torch.device | str = "cpu", use_ema: bool = True) -> LoadedModel:
+def load_pretrained(checkpoint: str | Path, device: torch.device | str = "cpu", use_ema: bool = True,
+                    denoiser: bool = False) -> LoadedModel:
     """Load config, tokenizer and (EMA) weights of a checkpoint (a run folder or a step folder) in eval mode.
 
-    Raises UserError for a missing/corrupt checkpoint or a tokenizer whose vocabulary does not match the model.
+    Raises UserError for a missing/corrupt checkpoint, a tokenizer whose vocabulary does not match the model, or
+    (with `denoiser`) a causal judge where a diffusion model is needed.
     """
     path = resolve_checkpoint(checkpoint)
     config = load_checkpoint_config(path)
+    if denoiser and config.model.causal:
+        raise UserError(f"checkpoint {path} is an autoregressive judge (model.causal), not a diffusion model; "
+                        "use it with `loopdlm genppl --judge`")
     tokenizer = load_tokenizer(path / TOKENIZER_DIR)
     if config.model.vocab_size != tokenizer.vocab_size:
         raise UserError(f"checkpoint {path}: tokenizer has {tokenizer.vocab_size} ids but the model expects "

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> None:
-    loaded = load_pretrained(args.checkpoint, resolve_device(args.device))
+    loaded = load_pretrained(args.checkpoint, resolve_device(args.device), denoiser=True)
     loops = args.loops or loaded.model.config.max_loops
     batches = _batches(args, loaded)
     records = analyze_attention(loaded.model, batches, loaded.tokenizer.mask_id, args.times, loops, seed=args.seed)

@@ -42,7 +42,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> None:
-    loaded = load_pretrained(args.checkpoint, resolve_device(args.device))
+    loaded = load_pretrained(args.checkpoint, resolve_device(args.device), denoiser=True)
     task = get_task(args.task) if args.task else task_from_source(loaded.config.data.source)
     if task is None:
         raise UserError(f"checkpoint {loaded.path} was not trained on a task (data.source="

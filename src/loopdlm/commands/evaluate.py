@@ -49,7 +49,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> None:
-    loaded = load_pretrained(args.checkpoint, resolve_device(args.device))
+    loaded = load_pretrained(args.checkpoint, resolve_device(args.device), denoiser=True)
     config, train = loaded.config, loaded.config.train
     loops = args.loops or (config.sample.eval_loops if loaded.model.config.core_layers else [1])
     chosen = {"batches": (args.batches, train.eval_batches), "batch_size": (args.batch_size, train.batch_size),

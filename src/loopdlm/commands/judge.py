@@ -13,7 +13,7 @@ from loopdlm.config import available_presets, load_config
 from loopdlm.errors import UserError
 from loopdlm.eval.genppl import generative_perplexity, load_judge
 from loopdlm.sampling import prompt_canvas, sample
-from loopdlm.train.autoregressive import CausalTransformer, NextTokenObjective
+from loopdlm.train.autoregressive import NextTokenObjective
 from loopdlm.train.distributed import setup_distributed
 from loopdlm.train.trainer import Trainer
 from loopdlm.workflow import (
@@ -57,7 +57,8 @@ def run_train_judge(args) -> None:
     set_torch_threads(config.train.threads)
     corpus = prepare_data_distributed(config.data, dist)
     tokenizer = corpus.tokenizer
-    model = build_model(config.model, tokenizer.vocab_size, CausalTransformer, seed=config.train.seed)
+    config.model.causal = True  # saved with the checkpoint, so every later load builds a causal model
+    model = build_model(config.model, tokenizer.vocab_size, seed=config.train.seed)
     sources = corpus_sources(corpus, config, dist)
     trainer = Trainer(config, model, NextTokenObjective(), *sources, config.train.out_dir,
                       tokenizer=tokenizer, dist=dist)

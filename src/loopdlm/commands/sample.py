@@ -134,7 +134,7 @@ def new_token_count(requested: int, longest_prompt: int, context: int, past_cont
 
 def run(args) -> None:
     device = resolve_device(args.device)
-    loaded = load_pretrained(args.checkpoint, device)
+    loaded = load_pretrained(args.checkpoint, device, denoiser=True)
     tok, config = loaded.tokenizer, loaded.config
     spec = sampler_spec_from_args(args, config)
     count = args.num_samples if args.num_samples is not None else config.sample.num_samples

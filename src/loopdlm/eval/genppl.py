@@ -18,7 +18,7 @@ import torch
 from loopdlm.data.tokenizers import Tokenizer
 from loopdlm.errors import UserError
 from loopdlm.models.transformer import LoopedTransformer
-from loopdlm.train.autoregressive import causal_mask
+from loopdlm.models.layers import causal_mask
 from loopdlm.workflow import load_pretrained
 
 HF_PREFIX = "hf:"

@@ -36,14 +36,15 @@ INFERENCE_FIELDS = {
     "vocab_size": "vocab_size", "n_layers": "n_layers", "d_model": "d_model", "n_heads": "n_heads",
     "mlp_ratio": "mlp_ratio", "core_start": "core_start", "core_end": "core_end", "max_loops": "max_loops",
     "injection": "injection", "residual_init": "residual_init", "loop_norm": "loop_norm",
-    "rope_theta": "rope_theta", "tie_embeddings": "tie_word_embeddings",
+    "rope_theta": "rope_theta", "tie_embeddings": "tie_word_embeddings", "causal": "causal",
 }
 #: ModelConfig fields that only shape training (initialisation, gradient truncation, activation checkpointing):
 #: recorded in config.json under their own names, no code in the modeling file.
 TRAINING_FIELDS = ("init_depth", "backprop_loops", "checkpoint_loops")
-#: The choices of the string fields that the modeling file handles (residual_init "zero" only differs at init).
+#: The choices of the fields that the modeling file handles (residual_init "zero" only differs at init; a causal
+#: judge is not a masked LM).
 SUPPORTED_CHOICES = {"injection": ("none", "add", "concat"), "residual_init": ("default", "zero", "gated"),
-                     "init_depth": ("stored", "effective")}
+                     "init_depth": ("stored", "effective"), "causal": (False,)}
 
 
 def hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizer:

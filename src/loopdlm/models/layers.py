@@ -17,6 +17,11 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 PastKV = tuple[Tensor, Tensor, Tensor]
 
 
+def causal_mask(length: int, device: torch.device | str) -> Tensor:
+    """bool [1, 1, L, L], True where query i may attend key j (j <= i)."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+
+
 def rotary_angles(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """Cosines and sines for rotary embeddings.
 

@@ -18,7 +18,7 @@ from torch.nn.utils import skip_init
 from torch.utils.checkpoint import checkpoint
 
 from loopdlm.errors import ConfigError
-from loopdlm.models.layers import Block, PastKV, init_weights
+from loopdlm.models.layers import Block, PastKV, causal_mask, init_weights
 from loopdlm.settings import NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields, setting
 
 #: Identifies one layer application: (layer index, loop index); loop index is 0 outside the core.
@@ -72,6 +72,8 @@ class ModelConfig:
         "0 = backpropagate through every loop. Needs an injection so the prelude keeps its gradient", NON_NEGATIVE)
     checkpoint_loops: bool = setting(False, "activation checkpointing per loop (memory flat in S)")
     tie_embeddings: bool = setting(False, "share the input embedding with the output head")
+    causal: bool = setting(False, "causal attention when no mask is passed (an autoregressive judge, `train-judge`); "
+                           "False = bidirectional (a denoiser)")
     rope_theta: float = setting(10000.0, "RoPE base", Range(0, low_open=True))
 
     def validate(self) -> None:
@@ -188,7 +190,8 @@ class LoopedTransformer(nn.Module):
             tokens: int64 [B, L].
             loops: S >= 1; any value is allowed, also above `config.max_loops` (ignored without a core).
             position_ids: [B|1, L]; defaults to 0..L-1.
-            attn_mask: optional bool [B|1, 1, L, P+L] (P = cached prefix length), True = may attend.
+            attn_mask: optional bool [B|1, 1, L, P+L] (P = cached prefix length), True = may attend; None = all
+                keys (bidirectional), or causal over the L tokens when `config.causal`.
             past: cached prefix per layer application, e.g. a block-diffusion KV cache.
             return_present: also return each application's (keys, values) for caching.
             return_hidden: also return the core output after every loop.
@@ -201,6 +204,8 @@ class LoopedTransformer(nn.Module):
         if return_loop_logits and return_present:
             raise ValueError("return_loop_logits and return_present cannot be combined")
         batch, length = tokens.shape
+        if attn_mask is None and self.config.causal and past is None:
+            attn_mask = causal_mask(length, tokens.device)
         if position_ids is None:
             position_ids = torch.arange(length, device=tokens.device)[None]
         present: dict[LayerSlot, tuple[Tensor, Tensor]] | None = {} if return_present else None

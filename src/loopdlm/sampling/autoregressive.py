@@ -18,7 +18,7 @@ from loopdlm.errors import UserError
 from loopdlm.models.transformer import LoopedTransformer
 from loopdlm.sampling.engine import SampleResult, SampleStats, gumbel_candidates
 from loopdlm.sampling.kv_cache import BlockKVCache
-from loopdlm.train.autoregressive import causal_mask
+from loopdlm.models.layers import causal_mask
 
 
 @torch.no_grad()
@@ -28,7 +28,7 @@ def generate_autoregressive(model: LoopedTransformer, prompt: Tensor, length: in
     """Append `length` sampled tokens to every row of `prompt`.
 
     Args:
-        model: a causally trained network (e.g. `CausalTransformer` or a loaded `train-judge` checkpoint); it is
+        model: a causally trained network (e.g. a `model.causal` model, e.g. a loaded `train-judge` checkpoint); it is
             always given an explicit causal mask, so a plain `LoopedTransformer` works too.
         prompt: int64 [B, P], P >= 1 (rows share the length; the first token conditions the rest).
         length: tokens to generate per row (>= 1).

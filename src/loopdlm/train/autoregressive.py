@@ -1,8 +1,8 @@
 """Autoregressive training of a judge model for generative perplexity, reusing the diffusion trainer.
 
-A judge is a plain `LoopedTransformer` (usually without a looped core) run with a causal attention mask and trained
-on next-token prediction. Its checkpoint is an ordinary one (same weight names), so `load_pretrained` restores it;
-whoever scores with it must pass the causal mask again (see `loopdlm.eval.genppl.LoopedJudge`).
+A judge is a plain `LoopedTransformer` (usually without a looped core) built with `model.causal = true`, so its
+forward masks attention causally whenever no mask is passed, and trained on next-token prediction. The flag is
+part of the saved model config, so `load_pretrained` restores a causal model.
 """
 
 from __future__ import annotations
@@ -11,24 +11,6 @@ import torch
 from torch import Tensor
 
 from loopdlm.diffusion.masked import Denoiser, NelboTerms
-from loopdlm.models.transformer import DenoiserOutput, LoopedTransformer
-
-
-def causal_mask(length: int, device: torch.device | str) -> Tensor:
-    """bool [1, 1, L, L], True where query i may attend key j (j <= i)."""
-    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
-
-
-class CausalTransformer(LoopedTransformer):
-    """A `LoopedTransformer` whose forward defaults to a causal mask, so the trainer (which passes no mask) trains
-    it autoregressively. Weight names are those of `LoopedTransformer`."""
-
-    def forward(self, tokens: Tensor, loops: int = 1, position_ids: Tensor | None = None,
-                attn_mask: Tensor | None = None, **kwargs) -> DenoiserOutput:
-        """As `LoopedTransformer.forward` (tokens int64 [B, L]); attn_mask None means causal over the L tokens."""
-        if attn_mask is None:
-            attn_mask = causal_mask(tokens.shape[1], tokens.device)
-        return super().forward(tokens, loops, position_ids, attn_mask, **kwargs)
 
 
 class NextTokenObjective:
