@@ -62,6 +62,28 @@ def trainer_throughput(fields: dict, seq_len: int, batch: int, steps: int, devic
     return {"tokens_per_s": batch * seq_len * len(timed_steps) / seconds, "flops_per_s": flops / seconds}
 
 
+def trainer_cpu_throughput(fields: dict, seq_len: int, batch: int, steps: int, vocab: int = 96,
+                           compile: bool = False, warmup: int = 2) -> dict[str, float]:
+    """As `trainer_throughput` on the CPU in fp32, per second of this process's CPU time: `warmup` steps, then
+    `steps` more of the same Trainer (the schedule is stretched for the timed part, which costs nothing extra)."""
+    config = RunConfig()
+    config.model = ModelConfig(vocab_size=vocab, **fields)
+    t = config.train
+    t.steps, t.batch_size, t.warmup_steps, t.eval_every, t.ckpt_every = warmup, batch, 1, 10**9, 10**9
+    t.log_every, t.device, t.precision, t.ema_decay, t.compile = 10**9, "cpu", "fp32", 0.999, compile
+    tokens = torch.randint(3, vocab, (batch * 4, seq_len))
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(config, LoopedTransformer(config.model), MaskedDiffusion(0),
+                          TensorBatchSource(tokens, None, batch, seed=0), None, out, resume=False)
+        trainer.fit()
+        flops, seen = trainer.flops, trainer.tokens
+        t.steps = warmup + steps
+        start = time.process_time()
+        trainer.fit()
+        seconds = time.process_time() - start
+    return {"tokens_per_s": (trainer.tokens - seen) / seconds, "flops_per_s": (trainer.flops - flops) / seconds}
+
+
 def current_rss() -> int:
     """Resident set size of this process in bytes (Linux /proc)."""
     with open("/proc/self/statm") as handle:
