@@ -13,19 +13,19 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Main job: train the tiny-cpu LoopMDM on Shakespeare (BPE), validation NELBO at several S with paired standard
+# Main job: train the `demo` LoopMDM on Shakespeare (BPE), validation NELBO at several S with paired standard
 # errors, samples and the share of their words that are words of the plays. Re-running resumes or reuses the run.
 demo: install
-	$(CLI) train --config tiny-cpu
-	$(CLI) eval --checkpoint runs/tiny-cpu --loops 1 2 4 8 --batches 32
-	$(CLI) sample --checkpoint runs/tiny-cpu --prompt "ROMEO:" --prompt "KING HENRY:" --num-samples 2 \
-		--out runs/tiny-cpu/samples.json
-	$(PY) bench/sample_words.py runs/tiny-cpu/samples.json --checkpoint runs/tiny-cpu
+	$(CLI) train --config demo
+	$(CLI) eval --checkpoint runs/demo --loops 1 2 4 8 --batches 32
+	$(CLI) sample --checkpoint runs/demo --prompt "ROMEO:" --prompt "KING HENRY:" --num-samples 2 \
+		--out runs/demo/samples.json
+	$(PY) bench/sample_words.py runs/demo/samples.json --checkpoint runs/demo
 	@echo
-	@echo "Done. The run (checkpoints, metrics.jsonl, samples.json) is in runs/tiny-cpu. Next:"
-	@echo "  $(CLI) sample --checkpoint runs/tiny-cpu --prompt 'JULIET:' --loops 8      # more samples"
-	@echo "  $(CLI) sample --checkpoint runs/tiny-cpu --sampler wino --html decode.html  # watch a decode"
-	@echo "  $(CLI) eval --checkpoint runs/tiny-cpu --loops 1 4 8 16                     # S beyond training"
+	@echo "Done. The run (checkpoints, metrics.jsonl, samples.json) is in runs/demo. Next:"
+	@echo "  $(CLI) sample --checkpoint runs/demo --prompt 'JULIET:' --loops 8      # more samples"
+	@echo "  $(CLI) sample --checkpoint runs/demo --sampler wino --html decode.html  # watch a decode"
+	@echo "  $(CLI) eval --checkpoint runs/demo --loops 1 4 8 16                     # S beyond training"
 
 test: install
 	$(PY) -m pytest

@@ -30,9 +30,8 @@ MODELS = {
     "6L d256 seq128 b32 (plain)": (dict(n_layers=6, d_model=256, n_heads=4), 96, 128, 32),
     "6L d256 seq128 b32 (core 1-2, S~U{1..4})": (dict(n_layers=6, d_model=256, n_heads=4, core_start=1, core_end=3,
                                                    max_loops=4), 96, 128, 32),
-    "main job (tiny-cpu: 4L d128, BPE 4096, core 1-2, S~U{1..4})": (dict(n_layers=4, d_model=128, n_heads=4,
-                                                                        core_start=1, core_end=3, max_loops=4),
-                                                                   4099, 128, 32),
+    "main job (demo preset: 4L d128, BPE 4096, core 1-2, S~U{1..4}, loop norm)": (
+        dict(n_layers=4, d_model=128, n_heads=4, core_start=1, core_end=3, max_loops=4, loop_norm=True), 4096, 128, 32),
 }
 
 

@@ -1,6 +1,6 @@
 """How word-like are a checkpoint's samples: the share of their words that occur in the training text.
 
-    python bench/sample_words.py SAMPLES.json --checkpoint runs/tiny-cpu
+    python bench/sample_words.py SAMPLES.json --checkpoint runs/demo
 
 SAMPLES.json is what `loopdlm sample --out FILE` writes ({"prompts": [...], "samples": [...]}; each sample starts
 with its prompt, which is not counted). A word is a run of 3 or more ASCII letters, compared case-insensitively with
