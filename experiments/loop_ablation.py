@@ -114,9 +114,9 @@ def select_variants(names: list[str], extra: list[str], values: dict[str, object
 
 def plan_runs(args, variants: dict[str, list[str]], root: Path) -> list[dict]:
     """One dict per (variant, seed): name, seed, its folder and the overrides that define it."""
-    models = {name: PAPER + overrides for name, overrides in variants.items()}
-    if not args.no_mdm:
-        models[MDM_RUN] = PAPER + MDM
+    # The MDM baseline first: every variant is read against it, so a study cut short still has it.
+    models = {} if args.no_mdm else {MDM_RUN: PAPER + MDM}
+    models.update({name: PAPER + overrides for name, overrides in variants.items()})
     return [{"variant": name, "seed": seed, "dir": root / f"{name}-s{seed}", "overrides": overrides,
              "steps": args.steps} for name, overrides in models.items() for seed in args.seeds]
 
