@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from loopdlm.train import checkpoint as checkpoint_module
 from loopdlm.train import latest_checkpoint, read_training_state
 from loopdlm.train import run_lock as run_lock_module
 from loopdlm.train.run_lock import RunLock
-from loopdlm.workflow import auto_threads, build_model
+from loopdlm.workflow import auto_threads, build_model, busy_cores
 from test_train import InterruptAfter, make_trainer, random_corpus, run_config, train_records
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
@@ -245,6 +246,17 @@ def test_automatic_threads_use_the_idle_cores():
     assert auto_threads(cores=2, load=1.2) == 1
     assert auto_threads(cores=2, load=7.0) == 1
     assert auto_threads(cores=16, load=0.0, processes=4) == 4
+
+
+def test_busy_cores_sees_a_spinning_process():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        busy = busy_cores(window=0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 0.7 <= busy <= (os.cpu_count() or 1) + 1e-6
 
 
 def test_saved_configs_hold_absolute_paths(tmp_path, corpus, capsys, monkeypatch):

@@ -79,7 +79,7 @@ class TrainConfig:
     init_from: str = setting("", "start from this checkpoint's weights (a run or step folder; '' = fresh)")
 
     threads: int = setting(0, "torch CPU threads per process; 0 = OMP_NUM_THREADS when set, else the cores not "
-                           "already busy (cores minus the 1-minute load average, at least 1)", NON_NEGATIVE)
+                           "already busy (cores minus the cores busy right now, at least 1)", NON_NEGATIVE)
     # The names repeat train/loop_counts.py's LOOP_DISTRIBUTIONS (importing the train package here is circular).
     loop_distribution: str = setting(
         "uniform", "training loop count S per update: uniform (U{1..max_loops}), poisson_lognormal (Huginn's, same "

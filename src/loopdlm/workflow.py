@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,10 +97,30 @@ def corpus_sources(corpus: PreparedCorpus, config: RunConfig, dist: DistInfo
 
 
 def auto_threads(cores: int, load: float, processes: int = 1) -> int:
-    """Threads per process for `cores` usable cores with a 1-minute load average `load`, shared by `processes`
-    training processes: the idle cores, at least 1. On a busy machine extra threads spin against other processes;
-    measured on 2 busy cores (docs/benchmarks.md), 2 threads ran a tiny-cpu step 6-11x slower than 1."""
+    """Threads per process for `cores` usable cores of which `load` are busy, shared by `processes` training
+    processes: the idle cores, at least 1. On a busy machine extra threads spin against other processes; measured on
+    2 busy cores (docs/benchmarks.md), 2 threads ran a tiny-cpu step 6-11x slower than 1."""
     return max(1, int(cores - load + 0.5) // max(processes, 1))
+
+
+def busy_cores(window: float = 0.3) -> float:
+    """How many cores other work keeps busy now: the machine's non-idle CPU share over `window` seconds (from
+    /proc/stat) times its core count. The 1-minute load average, the fallback where /proc/stat is missing, lags: just
+    after an install it still reads about 1 on an idle machine, which would halve a 2-core run."""
+    def sample() -> list[int]:
+        with open("/proc/stat") as handle:
+            return [int(value) for value in handle.readline().split()[1:]]
+
+    try:
+        first = sample()
+        time.sleep(window)
+        second = sample()
+    except (OSError, ValueError):
+        return os.getloadavg()[0]
+    delta = [b - a for a, b in zip(first, second)]
+    idle = delta[3] + (delta[4] if len(delta) > 4 else 0)  # idle + iowait
+    total = sum(delta[:8])  # user..steal; guest time is already counted in user
+    return (1 - idle / total) * (os.cpu_count() or 1) if total > 0 else 0.0
 
 
 def set_torch_threads(requested: int) -> str:
@@ -113,9 +134,9 @@ def set_torch_threads(requested: int) -> str:
     elif os.environ.get("OMP_NUM_THREADS"):
         threads, why = torch.get_num_threads(), "OMP_NUM_THREADS"
     else:
-        cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
+        cores, load = len(os.sched_getaffinity(0)), busy_cores()
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        threads, why = auto_threads(cores, load, processes), f"auto: {cores} cores, load {load:.1f}"
+        threads, why = auto_threads(cores, load, processes), f"auto: {cores} cores, {load:.1f} busy"
     torch.set_num_threads(threads)
     return f"{threads} thread{'s' if threads > 1 else ''} ({why})"
 
