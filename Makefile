@@ -22,7 +22,7 @@ demo: install
 	$(CLI) sample --checkpoint runs/demo --prompt "ROMEO:" --prompt "KING HENRY:" --num-samples 2 \
 		--out runs/demo/samples.json
 	$(PY) bench/sample_words.py runs/demo/samples.json --checkpoint runs/demo
-	$(CLI) finetune --task sudoku4 --config sudoku4-tiny train.steps=300 train.out_dir=runs/demo-sudoku4
+	$(CLI) finetune --task sudoku4 --config sudoku4-tiny train.steps=600 train.out_dir=runs/demo-sudoku4
 	$(CLI) eval --checkpoint runs/demo-sudoku4 --loops 1 2 4 8 --batches 8 --batch-size 64
 	$(CLI) eval-task --checkpoint runs/demo-sudoku4 --loops 1 2 4 8 --steps 4 --n 256
 	@echo
