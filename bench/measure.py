@@ -3,12 +3,13 @@ the peak memory of one step."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -40,22 +41,31 @@ def timed(function: Callable[[], T], device: torch.device | str) -> tuple[T, flo
     return result, clock() - start
 
 
+@contextlib.contextmanager
+def benchmark_trainer(fields: dict, seq_len: int, batch: int, steps: int, device: str, precision: str, vocab: int,
+                      compile: bool, log_every: int) -> Iterator[tuple[Trainer, Path]]:
+    """A real `Trainer` (AdamW, EMA, S drawn per step, MDLM objective) on random tokens, set to run `steps` updates
+    without evaluations or checkpoints, in a temporary run folder: yields (trainer, run folder)."""
+    config = RunConfig()
+    config.model = ModelConfig(vocab_size=vocab, **fields)
+    t = config.train
+    t.steps, t.batch_size, t.warmup_steps, t.eval_every, t.ckpt_every = steps, batch, 1, 10**9, 10**9
+    t.log_every, t.device, t.precision, t.ema_decay, t.compile = log_every, device, precision, 0.999, compile
+    tokens = torch.randint(3, vocab, (batch * 4, seq_len))
+    with tempfile.TemporaryDirectory() as out:
+        yield Trainer(config, LoopedTransformer(config.model), MaskedDiffusion(0),
+                      TensorBatchSource(tokens, None, batch, seed=0), None, out, resume=False), Path(out)
+
+
 def trainer_throughput(fields: dict, seq_len: int, batch: int, steps: int, device: str, precision: str,
                        vocab: int = 96, compile: bool = False, warmup: int = 2) -> dict[str, float]:
     """Train `steps` steps of the real Trainer loop (AdamW, EMA, S drawn per step, random tokens, MDLM objective)
     after `warmup` untimed steps; returns tokens/s and achieved FLOP/s (matmul FLOPs, core counted S times) of the
     timed steps."""
-    config = RunConfig()
-    config.model = ModelConfig(vocab_size=vocab, **fields)
-    t = config.train
-    t.steps, t.batch_size, t.warmup_steps, t.eval_every, t.ckpt_every = steps + warmup, batch, 1, 10**9, 10**9
-    t.log_every, t.device, t.precision, t.ema_decay, t.compile = 1, device, precision, 0.999, compile
-    tokens = torch.randint(3, vocab, (batch * 4, seq_len))
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(config, LoopedTransformer(config.model), MaskedDiffusion(0),
-                          TensorBatchSource(tokens, None, batch, seed=0), None, out, resume=False)
+    with benchmark_trainer(fields, seq_len, batch, steps + warmup, device, precision, vocab, compile, 1) as (trainer,
+                                                                                                           out):
         trainer.fit()
-        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed_steps = [r for r in records if r["split"] == "train" and r["step"] > warmup]
     seconds = sum(batch * seq_len / r["tokens_per_s"] for r in timed_steps)
     flops = sum(r["flops_per_s"] * batch * seq_len / r["tokens_per_s"] for r in timed_steps)
@@ -66,18 +76,10 @@ def trainer_cpu_throughput(fields: dict, seq_len: int, batch: int, steps: int, v
                            compile: bool = False, warmup: int = 2) -> dict[str, float]:
     """As `trainer_throughput` on the CPU in fp32, per second of this process's CPU time: `warmup` steps, then
     `steps` more of the same Trainer (the schedule is stretched for the timed part, which costs nothing extra)."""
-    config = RunConfig()
-    config.model = ModelConfig(vocab_size=vocab, **fields)
-    t = config.train
-    t.steps, t.batch_size, t.warmup_steps, t.eval_every, t.ckpt_every = warmup, batch, 1, 10**9, 10**9
-    t.log_every, t.device, t.precision, t.ema_decay, t.compile = 10**9, "cpu", "fp32", 0.999, compile
-    tokens = torch.randint(3, vocab, (batch * 4, seq_len))
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(config, LoopedTransformer(config.model), MaskedDiffusion(0),
-                          TensorBatchSource(tokens, None, batch, seed=0), None, out, resume=False)
+    with benchmark_trainer(fields, seq_len, batch, warmup, "cpu", "fp32", vocab, compile, 10**9) as (trainer, _):
         trainer.fit()
         flops, seen = trainer.flops, trainer.tokens
-        t.steps = warmup + steps
+        trainer.config.train.steps = warmup + steps
         start = time.process_time()
         trainer.fit()
         seconds = time.process_time() - start
