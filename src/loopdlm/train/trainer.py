@@ -67,13 +67,13 @@ logger = logging.getLogger(__name__)
 @dataclass
 class TrainResult:
     """What `Trainer.fit` did: the last step reached, (step, loss, loop count S) for every update run in this call
-    (the loss in the objective's unit, e.g. nats/token), the objective's further metrics per update (`terms`, e.g.
-    WINO+'s three terms), the last evaluation ({S: {"nats_per_token", "bits_per_token", "ppl_bound"}}), and the
+    (the loss in the objective's unit, e.g. nats/token), a record per update (`records`: loss, loops, lr,
+    grad_norm and the objective's further metrics, e.g. WINO+'s three terms), the last evaluation ({S: {"nats_per_token", "bits_per_token", "ppl_bound"}}), and the
     newest checkpoint folder (None when none was written or resumed from)."""
 
     step: int
     history: list[tuple[int, float, int]] = field(default_factory=list)
-    terms: list[dict[str, float]] = field(default_factory=list)
+    records: list[dict[str, float]] = field(default_factory=list)
     eval_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     checkpoint: Path | None = None
 
@@ -89,7 +89,8 @@ class Trainer:
 
     Args:
         config: the run's settings (`config.train` drives the loop; `config.sample.eval_loops` the evaluation).
-            For a `LoopedTransformer`, `config.model` must describe it (it is saved with checkpoints).
+            For a `LoopedTransformer`, `config.model` must have its architecture (it is saved with checkpoints);
+            its max_loops is the S_max training draws from.
         model: the trained module; moved to the training device and wrapped for data parallelism here.
         objective: an `Objective`, or a NELBO objective such as `MaskedDiffusion` (wrapped in `NelboObjective`).
         train_source / val_source: this rank's batch streams (see `BatchSource`); no val_source, no evaluation
@@ -112,7 +113,7 @@ class Trainer:
         train = config.train
         config.validate()
         looped_model = isinstance(model, LoopedTransformer)
-        if looped_model and config.model != model.config:
+        if looped_model and config.model.architecture() != model.config.architecture():
             raise ValueError("config.model must describe the model being trained (it is saved with checkpoints)")
         self.config, self.objective = config, as_objective(objective)
         self.train_source = train_source
@@ -135,7 +136,8 @@ class Trainer:
 
         looped = looped_model and model.config.core_layers > 0
         self.looped_model = looped_model
-        self.max_loops = model.config.max_loops if looped else 1
+        self.max_loops = config.model.max_loops if looped else 1  # training's S_max is the run's
+        self.last_record: dict[str, float] = {}
         self.noise = torch.Generator(device=self.device)
         self.counters = RunCounters()
         self.checkpointer = Checkpointer(
@@ -224,7 +226,9 @@ class Trainer:
                 counters.flops += stats["flops"]
                 window = (window[0] + seconds, window[1] + stats["tokens"], window[2] + stats["flops"])
                 result.history.append((self.step, stats["loss"], stats["loops"]))
-                result.terms.append(stats["terms"])
+                result.records.append({"loss": stats["loss"], **stats["terms"], "loops": stats["loops"],
+                                       "lr": stats["lr"], "grad_norm": float(stats["grad_norm"])})
+                self.last_record = result.records[-1]
                 bar.update(1)
                 last = self.step == train.steps
                 if _due(self.step, train.log_every, last):
