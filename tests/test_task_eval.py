@@ -142,6 +142,12 @@ def test_finetune_eval_task_and_attention_commands_run_end_to_end(tmp_path, caps
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in results)
     assert results[1]["core_applications"] == pytest.approx(3 * results[1]["forward_passes"])
 
+    # `eval` on a finetune checkpoint scores the task's answers (it used to send the task to the corpus loader)
+    bounds = json.loads(_run_cli(capsys, ["eval", "--checkpoint", str(run), "--loops", "1", "3", "--batches", "2",
+                                          "--device", "cpu", "--json"]))
+    assert [r["loops"] for r in bounds] == [1, 3] and all(r["tokens"] > 0 and r["bits_per_char"] is None
+                                                          for r in bounds)
+
     records = json.loads(_run_cli(capsys, ["attention", "--checkpoint", str(run), "--n", "8", "--times", "0.5",
                                            "--loops", "3", "--device", "cpu", "--json"]))
     assert [(r["layer"], r["loop"]) for r in records] == [(0, 0), (1, 1), (2, 1), (1, 2), (2, 2), (1, 3), (2, 3),
