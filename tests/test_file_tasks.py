@@ -175,7 +175,7 @@ def sudoku_run(tmp_path_factory):
 def test_finetune_on_a_sudoku_file_records_an_absolute_spec(sudoku_run):
     folder, run, examples = sudoku_run
     config = load_checkpoint_config(run)
-    assert config.data.source == f"task:sudoku:path={folder / 'train.txt'}" and config.data.seq_len == 32
+    assert config.data.task == f"sudoku:path={folder / 'train.txt'}" and config.data.seq_len == 32
     assert isinstance(task_of(config.data), SudokuFileTask)
 
 
