@@ -43,7 +43,8 @@ from report import markdown_table, write_section  # noqa: E402
 from loopdlm.data.corpus import TokenDataset  # noqa: E402
 from loopdlm.eval.likelihood import likelihood_bound  # noqa: E402
 from loopdlm.train.checkpoint import load_checkpoint_config  # noqa: E402
-from loopdlm.workflow import CorpusBatchSource, build_objective, load_pretrained, prepare_data  # noqa: E402
+from loopdlm.data.batches import RowSource  # noqa: E402
+from loopdlm.workflow import build_objective, load_pretrained, prepare_data  # noqa: E402
 
 SEQ_LEN = 128
 #: None is L' = L (MDLM); the rest are BD3-LM block sizes, largest first (the paper's expected NELBO order).
@@ -114,7 +115,7 @@ def held_out_batches(out: Path, count: int, batch_size: int, seed: int) -> list[
     order is seeded by train.seed + 1.)"""
     config = load_checkpoint_config(out)
     dataset = TokenDataset(prepare_data(config.data).directory, "val", config.data.seq_len)
-    source = CorpusBatchSource(dataset, batch_size, seed=seed)
+    source = RowSource(dataset, batch_size, seed=seed)
     return [source.next_batch() for _ in range(min(count, dataset.num_sequences // batch_size))]
 
 

@@ -25,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import markdown_table, write_section  # noqa: E402
 
 from loopdlm.config import load_config  # noqa: E402
-from loopdlm.diffusion.masked import MaskedDiffusion  # noqa: E402
-from loopdlm.models.transformer import LoopedTransformer  # noqa: E402
-from loopdlm.train.trainer import TensorBatchSource, Trainer  # noqa: E402
+from loopdlm.data.batches import TensorBatchSource  # noqa: E402
+from loopdlm.workflow import build_run  # noqa: E402
 
 VOCAB = 68  # the character vocabulary of the Shakespeare corpus, about
 
@@ -39,8 +38,9 @@ def child(steps: int) -> None:
     config.model.vocab_size = VOCAB
     tokens = torch.randint(0, VOCAB - 1, (config.train.batch_size * 8, config.data.seq_len))
     with tempfile.TemporaryDirectory() as out:
-        Trainer(config, LoopedTransformer(config.model), MaskedDiffusion(VOCAB - 1),
-                TensorBatchSource(tokens, None, config.train.batch_size), None, out, resume=False).fit()
+        config.train.out_dir, config.train.threads = out, torch.get_num_threads()
+        build_run(config, sources=(TensorBatchSource(tokens, None, config.train.batch_size), None),
+                  vocab_size=VOCAB, resume=False).trainer.fit()
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     tokens_per_step = config.train.batch_size * config.data.seq_len
     print(json.dumps([tokens_per_step / r["tokens_per_s"] for r in records if r["step"] > 2]))

@@ -46,7 +46,8 @@ def memory_child(loops: int, checkpointing: bool, device: str) -> None:
     growth during the step in bytes (CUDA: allocator peak; CPU: resident set sampled every millisecond)."""
     torch.manual_seed(0)
     model = LoopedTransformer(ModelConfig(vocab_size=VOCAB, n_layers=6, d_model=256, n_heads=4, core_start=1,
-                                          core_end=3, max_loops=12, checkpoint_loops=checkpointing)).to(device)
+                                          core_end=3, max_loops=12)).to(device)
+    model.checkpoint_loops = checkpointing
     x0 = torch.randint(3, VOCAB, (16, 256), device=device)
     objective = MaskedDiffusion(0)
 

@@ -201,8 +201,8 @@ def memory(ctx: Context, result: dict) -> None:
     result.update(model="loopmdm-small", seq_len=seq_len, batch=batch, rows=rows)
     for checkpointing in (True, False):
         torch.manual_seed(0)
-        model = LoopedTransformer(ModelConfig(vocab_size=vocab_of(config), **{
-            **model_fields(config), "checkpoint_loops": checkpointing})).to(ctx.device)
+        model = LoopedTransformer(ModelConfig(vocab_size=vocab_of(config), **model_fields(config))).to(ctx.device)
+        model.checkpoint_loops = checkpointing
         x0 = torch.randint(3, model.config.vocab_size, (batch, seq_len), device=ctx.device)
         objective = MaskedDiffusion(0)
 

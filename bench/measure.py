@@ -16,9 +16,10 @@ from typing import TypeVar
 import torch
 
 from loopdlm.config import RunConfig
-from loopdlm.diffusion.masked import MaskedDiffusion
-from loopdlm.models.transformer import LoopedTransformer, ModelConfig
-from loopdlm.train.trainer import TensorBatchSource, Trainer
+from loopdlm.data.batches import TensorBatchSource
+from loopdlm.models.transformer import ModelConfig
+from loopdlm.train.trainer import Trainer
+from loopdlm.workflow import build_run
 
 T = TypeVar("T")
 
@@ -51,10 +52,13 @@ def benchmark_trainer(fields: dict, seq_len: int, batch: int, steps: int, device
     t = config.train
     t.steps, t.batch_size, t.warmup_steps, t.eval_every, t.ckpt_every = steps, batch, 1, 10**9, 10**9
     t.log_every, t.device, t.precision, t.ema_decay, t.compile = log_every, device, precision, 0.999, compile
-    tokens = torch.randint(3, vocab, (batch * 4, seq_len))
+    t.threads = torch.get_num_threads()  # keep the thread count the benchmark chose
+    tokens = torch.randint(3, vocab - 1, (batch * 4, seq_len))  # the last id is the mask
     with tempfile.TemporaryDirectory() as out:
-        yield Trainer(config, LoopedTransformer(config.model), MaskedDiffusion(0),
-                      TensorBatchSource(tokens, None, batch, seed=0), None, out, resume=False), Path(out)
+        config.train.out_dir = out
+        run = build_run(config, sources=(TensorBatchSource(tokens, None, batch, seed=0), None), vocab_size=vocab,
+                        resume=False)
+        yield run.trainer, Path(out)
 
 
 def trainer_throughput(fields: dict, seq_len: int, batch: int, steps: int, device: str, precision: str,

@@ -320,6 +320,7 @@ def tiny_checkpoint(tmp_path):
     config.model = ModelConfig(n_layers=2, d_model=16, n_heads=2, core_start=0, core_end=1, max_loops=2)
     corpus = prepare_data(config.data)
     model = build_model(config.model, corpus.tokenizer.vocab_size)
+    config.model = model.config
     save_checkpoint(tmp_path / "run", 1, model_state=model.state_dict(), ema_state=None,
                     training_state={"step": 1}, config=config, tokenizer_saver=corpus.tokenizer.save)
     return tmp_path / "run", corpus.tokenizer
@@ -348,9 +349,10 @@ def test_task_checkpoint_trains_its_prior_on_the_task_answers(tmp_path):
     task = get_task("add:digits=1")
     tokenizer = task_tokenizer(task)
     config = RunConfig()
-    config.data.source, config.data.seq_len = "task:add:digits=1", task.prompt_length + task.answer_length
+    config.data.task, config.data.seq_len = "add:digits=1", task.prompt_length + task.answer_length
     config.model = ModelConfig(n_layers=2, d_model=16, n_heads=2)
     model = build_model(config.model, tokenizer.vocab_size)
+    config.model = model.config
     save_checkpoint(tmp_path / "run", 1, model_state=model.state_dict(), ema_state=None,
                     training_state={"step": 1}, config=config, tokenizer_saver=tokenizer.save)
     settings = CoDDTrainConfig(n_states=2, window=task.answer_length, steps=2, topk=0)

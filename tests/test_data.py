@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from loopdlm.data.batches import SequenceSampler
 from loopdlm.data.corpus import (
     MANIFEST_FILE,
     TOKENS_FILE,
-    SequenceSampler,
     TokenDataset,
     load_manifest,
     prepare_corpus,

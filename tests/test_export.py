@@ -29,7 +29,7 @@ OPTIONS = {
     "zero": dict(residual_init="zero"),
     "gated": dict(residual_init="gated"),
     "loop-norm": dict(loop_norm=True),
-    "training-only": dict(injection="add", init_depth="effective", backprop_loops=1, checkpoint_loops=True),
+    "training-only": dict(injection="add", init_depth="effective", backprop_loops=1),
     "all": dict(injection="concat", residual_init="gated", loop_norm=True, init_depth="effective",
                 backprop_loops=2, tie_embeddings=True),
 }
@@ -77,7 +77,7 @@ def test_exported_model_gives_loopdlm_logits_at_any_loop_count(tmp_path, name):
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
     recorded = dataclasses.asdict(loaded.model.config)
     recorded["injection"] = loaded.model.config.injection_mode
-    for key in ("injection", "residual_init", "loop_norm", "init_depth", "backprop_loops", "checkpoint_loops"):
+    for key in ("injection", "residual_init", "loop_norm", "init_depth", "backprop_loops"):
         assert written[key] == recorded[key], key
     assert "input_injection" not in written
 

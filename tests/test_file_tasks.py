@@ -7,7 +7,7 @@ import pytest
 
 from loopdlm.cli import main
 from loopdlm.data.file_tasks import JsonlTask, SudokuFileTask
-from loopdlm.data.task_source import encode_task, task_examples, task_from_source, task_tokenizer
+from loopdlm.data.task_source import encode_task, task_examples, task_of, task_tokenizer
 from loopdlm.data.task_spec import get_task, portable_spec
 from loopdlm.data.tasks import SudokuTask
 from loopdlm.data.tokenizers import CharTokenizer
@@ -175,8 +175,8 @@ def sudoku_run(tmp_path_factory):
 def test_finetune_on_a_sudoku_file_records_an_absolute_spec(sudoku_run):
     folder, run, examples = sudoku_run
     config = load_checkpoint_config(run)
-    assert config.data.source == f"task:sudoku:path={folder / 'train.txt'}" and config.data.seq_len == 32
-    assert isinstance(task_from_source(config.data.source), SudokuFileTask)
+    assert config.data.task == f"sudoku:path={folder / 'train.txt'}" and config.data.seq_len == 32
+    assert isinstance(task_of(config.data), SudokuFileTask)
 
 
 def test_eval_task_on_a_file_without_solutions_uses_the_whole_file_with_split_all(sudoku_run, tmp_path, capsys):

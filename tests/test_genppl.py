@@ -16,7 +16,8 @@ from loopdlm.models.layers import causal_mask
 from loopdlm.models.transformer import LoopedTransformer
 from loopdlm.train.autoregressive import NextTokenObjective
 from loopdlm.train.trainer import Trainer
-from loopdlm.workflow import CorpusBatchSource, build_model, build_objective, load_pretrained, prepare_data
+from loopdlm.data.batches import RowSource
+from loopdlm.workflow import build_model, build_objective, load_pretrained, prepare_data
 
 
 def test_unigram_entropy_and_distinct_n_on_hand_cases():
@@ -91,8 +92,9 @@ def test_train_judge_and_genppl_commands_run_end_to_end(tmp_path, capsys):
 
     config = load_config("tiny-cpu", [*data, *tiny, "model.n_layers=4", f"train.out_dir={tmp_path / 'mdm'}"])
     prepared = prepare_data(config.data)
-    sources = [CorpusBatchSource(TokenDataset(prepared.directory, split, 16), 4, seed=0) for split in ("train", "val")]
+    sources = [RowSource(TokenDataset(prepared.directory, split, 16), 4, seed=0) for split in ("train", "val")]
     model = build_model(config.model, prepared.tokenizer.vocab_size)
+    config.model = model.config
     Trainer(config, model, build_objective(config, prepared.tokenizer.mask_id), *sources, tmp_path / "mdm",
             tokenizer=prepared.tokenizer).fit()
 

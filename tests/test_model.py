@@ -70,7 +70,8 @@ def test_activation_checkpointing_gives_same_loss_and_gradients():
     tokens = torch.randint(0, 23, (2, 8))
     grads = []
     for checkpointing in (False, True):
-        model = make_model(seed=2, checkpoint_loops=checkpointing).train()
+        model = make_model(seed=2).train()
+        model.checkpoint_loops = checkpointing
         model(tokens, loops=3).logits.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])

@@ -7,13 +7,14 @@ import torch
 from torch import nn
 
 from loopdlm.cli import main
+from loopdlm.data.batches import RowSource
 from loopdlm.data.task_source import (
-    TaskBatchSource,
     answer_canvas,
     encode_task,
     split_of,
     task_examples,
-    task_from_source,
+    task_of,
+    task_rows,
     task_tokenizer,
 )
 from loopdlm.data.task_spec import get_task
@@ -28,7 +29,7 @@ from loopdlm.train.checkpoint import load_checkpoint_config, resolve_checkpoint
 def test_answer_only_masking_never_noises_prompt_tokens():
     task = get_task("add:digits=2")
     rows = encode_task(task, task_examples(task, 64, seed=0), task_tokenizer(task))
-    source = TaskBatchSource(rows, batch_size=32, seed=0)
+    source = RowSource(task_rows(rows), batch_size=32, seed=0)
     objective = MaskedDiffusion(mask_id=0)
     generator = torch.Generator().manual_seed(0)
     seen_masked = torch.zeros(rows.tokens.shape[1], dtype=torch.bool)
@@ -64,11 +65,11 @@ def test_task_splits_are_disjoint_and_deterministic():
 def test_task_batch_source_resumes_where_it_stopped():
     task = get_task("sudoku4")
     rows = encode_task(task, task_examples(task, 20, seed=0), task_tokenizer(task))
-    source = TaskBatchSource(rows, batch_size=8, seed=3)
+    source = RowSource(task_rows(rows), batch_size=8, seed=3)
     source.next_batch()
     state = source.state_dict()
     expected = [source.next_batch()[0] for _ in range(3)]
-    resumed = TaskBatchSource(rows, batch_size=8, seed=3)
+    resumed = RowSource(task_rows(rows), batch_size=8, seed=3)
     resumed.load_state_dict(state)
     assert all(torch.equal(a, resumed.next_batch()[0]) for a in expected)
 
@@ -132,7 +133,7 @@ def test_finetune_eval_task_and_attention_commands_run_end_to_end(tmp_path, caps
                             "--val-examples", "32", *tiny])
     assert "for 20 steps" in out
     config = load_checkpoint_config(run)
-    assert task_from_source(config.data.source).name == "add" and config.data.seq_len == 6 + 3
+    assert task_of(config.data).name == "add" and config.data.seq_len == 6 + 3
     assert (resolve_checkpoint(run) / "tokenizer" / "tokenizer.json").is_file()
 
     results = json.loads(_run_cli(capsys, ["eval-task", "--checkpoint", str(run), "--n", "8", "--loops", "1", "3",
@@ -140,6 +141,12 @@ def test_finetune_eval_task_and_attention_commands_run_end_to_end(tmp_path, caps
     assert [r["loops"] for r in results] == [1, 3] and all(r["n"] == 8 for r in results)
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in results)
     assert results[1]["core_applications"] == pytest.approx(3 * results[1]["forward_passes"])
+
+    # `eval` on a finetune checkpoint scores the task's answers (it used to send the task to the corpus loader)
+    bounds = json.loads(_run_cli(capsys, ["eval", "--checkpoint", str(run), "--loops", "1", "3", "--batches", "2",
+                                          "--device", "cpu", "--json"]))
+    assert [r["loops"] for r in bounds] == [1, 3] and all(r["tokens"] > 0 and r["bits_per_char"] is None
+                                                          for r in bounds)
 
     records = json.loads(_run_cli(capsys, ["attention", "--checkpoint", str(run), "--n", "8", "--times", "0.5",
                                            "--loops", "3", "--device", "cpu", "--json"]))

@@ -7,7 +7,7 @@ import torch
 
 from loopdlm.config import RunConfig
 from loopdlm.diffusion import MaskedDiffusion, NelboTerms, make_schedule, subs_log_probs
-from loopdlm.diffusion.masked import average_terms, weighted_masked_nll
+from loopdlm.diffusion.masked import NelboHooks, average_terms, weighted_masked_nll
 from loopdlm.errors import UserError
 from loopdlm.models import LoopedTransformer, ModelConfig
 from loopdlm.train import (
@@ -68,7 +68,7 @@ def train_records(out_dir) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
 
-class RowKeyedNoise:
+class RowKeyedNoise(NelboHooks):
     """MDLM NELBO whose t and mask for each row are a function of that row's tokens only: a row's loss is then the
     same whichever micro-batch or rank it lands in, so differently split batches can be compared exactly."""
 

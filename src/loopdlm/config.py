@@ -23,6 +23,11 @@ from loopdlm.settings import NON_NEGATIVE, POSITIVE, PROBABILITY, Each, OneOf, R
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 DISTRIBUTED_MODES = ("ddp", "fsdp")
+#: Keys that earlier versions held elsewhere, (section, key) -> (section, key): read from old configs and
+#: checkpoints and accepted as overrides. Activation checkpointing is a run-time knob, not architecture.
+MOVED_KEYS = {("model", "checkpoint_loops"): ("train", "checkpoint_loops")}
+#: How checkpoints written before data.task existed recorded a task: data.source = "task:SPEC".
+LEGACY_TASK_PREFIX = "task:"
 
 
 @dataclass
@@ -30,7 +35,10 @@ class DataConfig:
     """Where training text comes from and how it is tokenised."""
 
     source: str = setting("shakespeare", "corpus: shakespeare | text:PATH (a text file, or a folder searched for "
-                          ".txt files) | jsonl:PATH:FIELD (one document per line, its text in FIELD)")
+                          ".txt files) | jsonl:PATH:FIELD (one document per line, its text in FIELD); unused when "
+                          "data.task is set")
+    task: str = setting("", "train on a task's examples instead of a corpus: a task spec as `finetune --task` takes "
+                        "it (finetune records it here); '' = the corpus of data.source")
     tokenizer: str = setting("char", "char (one id per character) or bpe (byte-level BPE trained on the corpus)",
                              OneOf(("char", "bpe")))
     vocab_size: int = setting(4096, "BPE vocabulary size, special tokens included (char ignores it)", POSITIVE)
@@ -74,6 +82,8 @@ class TrainConfig:
     device: str = setting("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", OneOf(PRECISIONS))
     compile: bool = setting(False, "torch.compile each transformer block")
+    checkpoint_loops: bool = setting(False, "activation checkpointing per loop of the core (memory flat in S; "
+                                     "formerly model.checkpoint_loops)")
     distributed: str = setting("ddp", "data parallelism under torchrun: ddp or fsdp (FSDP2)", OneOf(DISTRIBUTED_MODES))
     out_dir: str = setting("runs/default", "run folder: metrics.jsonl and checkpoints/ (resumed when it holds any)")
     init_from: str = setting("", "start from this checkpoint's weights (a run or step folder; '' = fresh)")
@@ -135,14 +145,17 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        """Build from a nested dict, rejecting unknown sections or keys with a suggestion."""
+        """Build from a nested dict, rejecting unknown sections or keys with a suggestion. Keys that earlier
+        versions kept elsewhere (`MOVED_KEYS`, and a task recorded as data.source='task:SPEC') are read into their
+        current place, so old checkpoints keep loading."""
         config = cls()
         for section, entries in (values or {}).items():
-            target = _section(config, section)
             if not isinstance(entries, dict):
                 raise UserError(f"config section '{section}' must be a mapping, got {type(entries).__name__}")
             for key, value in entries.items():
-                _assign(target, section, key, value)
+                if (section, key) == ("data", "source") and str(value).startswith(LEGACY_TASK_PREFIX):
+                    key, value = "task", value[len(LEGACY_TASK_PREFIX):]
+                _assign_key(config, section, key, value)
         return config
 
 
@@ -187,6 +200,7 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> None:
         section, dot, key = name.partition(".")
         if not sep or not dot:
             raise UserError(f"override '{item}' must look like section.key=value (e.g. train.lr=1e-3)")
+        section, key = MOVED_KEYS.get((section, key), (section, key))
         target = _section(config, section)
         if raw.strip():
             value = _parse_value(raw)
@@ -195,6 +209,12 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> None:
         else:
             raise UserError(f"override '{item}' has no value; write {name}=VALUE")
         _assign(target, section, key, value)
+
+
+def _assign_key(config: RunConfig, section: str, key: str, value: Any) -> None:
+    """Set config.section.key (at its current place when `MOVED_KEYS` moved it)."""
+    section, key = MOVED_KEYS.get((section, key), (section, key))
+    _assign(_section(config, section), section, key, value)
 
 
 def _parse_value(raw: str) -> Any:

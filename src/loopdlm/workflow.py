@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -13,7 +14,11 @@ from pathlib import Path
 import torch
 
 from loopdlm.config import DataConfig, RunConfig
-from loopdlm.data.corpus import Manifest, SequenceSampler, TokenDataset, load_manifest, prepare_corpus
+from loopdlm.data.batches import BatchSource, RowSource
+from loopdlm.data.file_tasks import FileTask
+from loopdlm.data.task_source import encode_task, task_examples, task_rows, task_tokenizer
+from loopdlm.data.task_spec import get_task
+from loopdlm.data.corpus import Manifest, TokenDataset, load_manifest, prepare_corpus
 from loopdlm.data.sources import resolve_source
 from loopdlm.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 from loopdlm.diffusion.loop_supervision import LoopSupervision
@@ -21,9 +26,10 @@ from loopdlm.diffusion.masked import MaskedDiffusion
 from loopdlm.diffusion.schedules import make_schedule
 from loopdlm.errors import UserError, os_error_text
 from loopdlm.models.transformer import LoopedTransformer, ModelConfig
-from loopdlm.train.distributed import DistInfo, barrier, resolve_device  # noqa: F401  (re-exported)
+from loopdlm.train.autoregressive import NextTokenObjective
+from loopdlm.train.distributed import DistInfo, barrier, resolve_device, setup_distributed  # noqa: F401
 from loopdlm.train.checkpoint import TOKENIZER_DIR, load_checkpoint_config, load_model_weights, resolve_checkpoint
-from loopdlm.train.trainer import derived_seed
+from loopdlm.train.trainer import Trainer, derived_seed
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +91,14 @@ def prepare_data_distributed(data: DataConfig, dist: DistInfo) -> PreparedCorpus
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1}
 
 
-def corpus_sources(corpus: PreparedCorpus, config: RunConfig, dist: DistInfo
-                   ) -> tuple[CorpusBatchSource, CorpusBatchSource]:
+def corpus_sources(corpus: PreparedCorpus, config: RunConfig, dist: DistInfo) -> tuple[RowSource, RowSource]:
     """This rank's (train, validation) batch streams over a prepared corpus, seeded from `config.train.seed`; the
     validation stream knows its characters per token (for bits/character)."""
     seq_len, batch, seed = config.data.seq_len, config.train.batch_size, config.train.seed
     train, val = (TokenDataset(corpus.directory, split, seq_len) for split in ("train", "val"))
-    return (CorpusBatchSource(train, batch, seed + SPLIT_SEED_OFFSET["train"], dist.rank, dist.world_size),
-            CorpusBatchSource(val, batch, seed + SPLIT_SEED_OFFSET["val"], dist.rank, dist.world_size,
-                              characters_per_token=val.characters_per_token(corpus.tokenizer)))
+    return (RowSource(train, batch, seed + SPLIT_SEED_OFFSET["train"], dist.rank, dist.world_size),
+            RowSource(val, batch, seed + SPLIT_SEED_OFFSET["val"], dist.rank, dist.world_size,
+                      characters_per_token=val.characters_per_token(corpus.tokenizer)))
 
 
 def auto_threads(cores: int, load: float, processes: int = 1) -> int:
@@ -154,16 +159,16 @@ def absolute_paths(config: RunConfig) -> None:
 
 
 def build_model(model: ModelConfig, vocab_size: int, *, seed: int | None = None) -> LoopedTransformer:
-    """A fresh network on the CPU; `model.vocab_size` 0 means "take the tokenizer's".
+    """A fresh network on the CPU; `model.vocab_size` 0 means "take the tokenizer's" (the network's own config,
+    `.config`, then holds it; `model` itself is not changed).
 
     With `seed`, the initial weights are a fixed function of (seed, model config): they are drawn inside a forked
     CPU random state seeded from `seed`, so the same command starts from the same weights on every device and
     process, and the caller's global random state is left as it was.
     """
-    if model.vocab_size == 0:
-        model.vocab_size = vocab_size
-    if model.vocab_size != vocab_size:
+    if model.vocab_size not in (0, vocab_size):
         raise UserError(f"model.vocab_size={model.vocab_size} does not match the tokenizer's {vocab_size} ids")
+    model = dataclasses.replace(model, vocab_size=vocab_size)  # the caller's config stays as it was
     seeded = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     try:
         with seeded:
@@ -196,27 +201,6 @@ def build_training_objective(config: RunConfig, mask_id: int):
     return LoopSupervision(objective, weight) if weight else objective
 
 
-class CorpusBatchSource:
-    """Batches of fixed-length token sequences from a prepared corpus split (the trainer's BatchSource).
-    characters_per_token, when known, lets the trainer report bits per character."""
-
-    def __init__(self, dataset: TokenDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 characters_per_token: float | None = None):
-        self.dataset = dataset
-        self.characters_per_token = characters_per_token
-        self.sampler = SequenceSampler(dataset.num_sequences, batch_size, seed, rank=rank, world_size=world_size)
-
-    def next_batch(self) -> tuple[torch.Tensor, None]:
-        """-> (x0 int64 [B, seq_len], None): every token is noised."""
-        return self.dataset.get(self.sampler.next_batch()), None
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-
 @dataclass
 class LoadedModel:
     """A model restored from a checkpoint, ready for evaluation or sampling."""
@@ -246,3 +230,93 @@ def load_pretrained(checkpoint: str | Path, device: torch.device | str = "cpu", 
     model = build_model(config.model, tokenizer.vocab_size)
     load_model_weights(path, model, use_ema=use_ema)
     return LoadedModel(model.to(device).eval(), tokenizer, config, path)
+
+
+@dataclass
+class Run:
+    """An assembled training run (`build_run`): call `trainer.fit()`.
+
+    corpus: the prepared corpus of a corpus run (None for a task run or given sources); train_examples: the
+    number of training examples of a task run.
+    """
+
+    config: RunConfig
+    dist: DistInfo
+    tokenizer: Tokenizer | None
+    model: LoopedTransformer
+    trainer: Trainer
+    threads: str
+    corpus: PreparedCorpus | None = None
+    train_examples: int | None = None
+
+
+def build_run(config: RunConfig, *, dist: DistInfo | None = None, tokenizer: Tokenizer | None = None,
+              examples: tuple[int | None, int | None] = (None, None), val_seed: int | None = None,
+              sources: tuple[BatchSource, BatchSource | None] | None = None, vocab_size: int | None = None,
+              resume: bool | None = None) -> Run:
+    """The one way to assemble a training run: config -> data -> model -> objective -> sources -> Trainer.
+
+    The data is `config.data`: a task (`data.task`; its char tokenizer unless `tokenizer` is given, rows of the
+    task's width, answer-only noise; `examples` = (train, val) counts, default 20000 / 256 for a generated task and
+    all of a file's split) or a corpus (prepared on rank 0 first). `sources` (with `vocab_size`) replaces the data
+    by given batch streams (benchmarks on random tokens). The objective is the next-token NLL for a causal model
+    (a judge), else the diffusion objective of `config.diffusion`. `val_seed` seeds the validation order
+    (default train.seed + 1). The run owns `config`: its paths become absolute, a task fills data.tokenizer and
+    data.seq_len, and config.model gets the vocabulary size the model was built with.
+    """
+    absolute_paths(config)
+    dist = dist if dist is not None else setup_distributed(config.train.device)
+    threads = set_torch_threads(config.train.threads)
+    seed, batch = config.train.seed, config.train.batch_size
+    val_seed = seed + SPLIT_SEED_OFFSET["val"] if val_seed is None else val_seed
+    corpus, train_examples = None, None
+    if sources is not None:
+        train_source, val_source = sources
+        if vocab_size is None:
+            raise ValueError("build_run with given sources needs their vocab_size")
+    elif config.data.task:
+        tokenizer, train_source, val_source, train_examples = _task_sources(config, dist, tokenizer, examples,
+                                                                             val_seed)
+        vocab_size = tokenizer.vocab_size
+    else:
+        corpus = prepare_data_distributed(config.data, dist)
+        tokenizer = corpus.tokenizer
+        train_source, val_source = corpus_sources(corpus, config, dist)
+        if val_seed != seed + SPLIT_SEED_OFFSET["val"]:
+            val_source = RowSource(val_source.rows, batch, val_seed, dist.rank, dist.world_size,
+                                   val_source.characters_per_token)
+        vocab_size = tokenizer.vocab_size
+    model = build_model(config.model, vocab_size, seed=seed)
+    config.model = model.config
+    mask_id = tokenizer.mask_id if tokenizer is not None else vocab_size - 1
+    objective = NextTokenObjective() if config.model.causal else build_training_objective(config, mask_id)
+    trainer = Trainer(config, model, objective, train_source, val_source, config.train.out_dir,
+                      tokenizer=tokenizer, dist=dist, resume=resume)
+    return Run(config, dist, tokenizer, model, trainer, threads, corpus, train_examples)
+
+
+def _task_sources(config: RunConfig, dist: DistInfo, tokenizer: Tokenizer | None,
+                  examples: tuple[int | None, int | None], val_seed: int):
+    """(tokenizer, train source, val source, training examples) of a task run; fills data.tokenizer/seq_len."""
+    task = get_task(config.data.task)
+    tokenizer = tokenizer or task_tokenizer(task)
+    config.data.tokenizer = tokenizer.kind
+    config.data.seq_len = sum(task.row_widths(tokenizer))
+    # A task file gives all of its split by default; a generated task as many as asked.
+    from_file = isinstance(task, FileTask)
+    train_count = examples[0] if examples[0] is not None else (None if from_file else 20000)
+    val_count = examples[1] if examples[1] is not None else (None if from_file else 256)
+    seed, batch = config.train.seed, config.train.batch_size
+    train_examples = task_examples(task, train_count, seed, "train")
+    val_examples = task_examples(task, val_count, seed, "val", unique=True)
+    unanswered = sum(not e.answer for e in train_examples + val_examples)
+    if unanswered:
+        raise UserError(f"{unanswered} {task.name} examples have no answer (e.g. puzzles without a solution); "
+                        "training needs answers")
+    if len(train_examples) < batch * dist.world_size:
+        raise UserError(f"{len(train_examples)} training examples cannot fill a batch of {batch} x {dist.world_size}")
+    val_batch = max(1, min(batch, len(val_examples) // dist.world_size))
+    train_rows = task_rows(encode_task(task, train_examples, tokenizer))
+    val_rows = task_rows(encode_task(task, val_examples, tokenizer))
+    return (tokenizer, RowSource(train_rows, batch, seed, dist.rank, dist.world_size),
+            RowSource(val_rows, val_batch, val_seed, dist.rank, dist.world_size), len(train_examples))

@@ -8,11 +8,12 @@ import json
 import torch
 
 from loopdlm.commands.arguments import DEVICE_HELP, SEED_HELP, number, positive_int
-from loopdlm.data.task_source import TaskBatchSource, encode_task, task_examples, task_from_source
+from loopdlm.data.batches import RowSource
+from loopdlm.data.task_source import encode_task, task_examples, task_of, task_rows
 from loopdlm.data.task_spec import get_task
 from loopdlm.eval.attention import analyze_attention
 from loopdlm.settings import Range
-from loopdlm.workflow import CorpusBatchSource, checkpoint_corpus_split, load_pretrained, resolve_device
+from loopdlm.workflow import checkpoint_corpus_split, load_pretrained, resolve_device
 
 DEFAULT_TIMES = [0.1, 0.3, 0.5, 0.7, 0.9]
 
@@ -58,12 +59,11 @@ def run(args) -> None:
 
 def _batches(args, loaded) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Clean batches (x0, noisable): held-out task problems (answer region noisable) or validation text."""
-    task = get_task(args.task) if args.task else task_from_source(loaded.config.data.source)
+    task = get_task(args.task) if args.task else task_of(loaded.config.data)
     size = min(args.batch_size, args.n)
     if task is not None:
         rows = encode_task(task, task_examples(task, args.n, args.seed, "test", unique=True), loaded.tokenizer)
-        source = TaskBatchSource(rows, size, args.seed)
+        source = RowSource(task_rows(rows), size, args.seed)
     else:
-        source = CorpusBatchSource(checkpoint_corpus_split(loaded.config.data, loaded.tokenizer, "val"), size,
-                                   args.seed)
+        source = RowSource(checkpoint_corpus_split(loaded.config.data, loaded.tokenizer, "val"), size, args.seed)
     return [source.next_batch() for _ in range(max(1, args.n // size))]

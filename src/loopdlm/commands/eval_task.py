@@ -8,7 +8,7 @@ import json
 from loopdlm.commands.arguments import DEVICE_HELP, non_negative_int, positive_int, spec_type
 from loopdlm.commands.sample import add_sampler_arguments, sampler_spec_from_args
 from loopdlm.data.file_tasks import FileTask
-from loopdlm.data.task_source import SPLITS, task_examples, task_from_source
+from loopdlm.data.task_source import SPLITS, task_examples, task_of
 from loopdlm.data.task_spec import get_task
 from loopdlm.errors import UserError
 from loopdlm.eval.tasks import task_accuracy
@@ -43,7 +43,7 @@ def register(subparsers) -> None:
 
 def run(args) -> None:
     loaded = load_pretrained(args.checkpoint, resolve_device(args.device), denoiser=True)
-    task = get_task(args.task) if args.task else task_from_source(loaded.config.data.source)
+    task = get_task(args.task) if args.task else task_of(loaded.config.data)
     if task is None:
         raise UserError(f"checkpoint {loaded.path} was not trained on a task (data.source="
                         f"{loaded.config.data.source!r}); pass --task")

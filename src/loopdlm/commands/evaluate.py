@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from tqdm import tqdm
 
 from loopdlm.commands.arguments import DEVICE_HELP, positive_int
-from loopdlm.data.task_source import task_from_source, task_nelbo_batches
+from loopdlm.data.batches import RowSource
+from loopdlm.data.task_source import task_nelbo_batches, task_of
 from loopdlm.eval.likelihood import likelihood_bound, paired_difference
 from loopdlm.train.trainer import derived_seed
 from loopdlm.workflow import (
     SPLIT_SEED_OFFSET,
-    CorpusBatchSource,
     build_objective,
     checkpoint_corpus_split,
     load_pretrained,
@@ -65,14 +65,14 @@ def run(args) -> None:
         config.diffusion.block_size = args.block_size
     # reported likelihoods always use the unclipped noise interval
     config.diffusion.clip_low, config.diffusion.clip_high = 0.0, 1.0
-    task = task_from_source(config.data.source)
+    task = task_of(config.data)
     if task is not None:
         scored = task_nelbo_batches(task, loaded.tokenizer, args.split, batches * batch_size, batch_size, seed)
         what, characters_per_token = f"{task.name} answers", None
     else:
         dataset = checkpoint_corpus_split(config.data, loaded.tokenizer, args.split)
         # The same batch order and noise as the trainer's validation (single process: rank 0).
-        source = CorpusBatchSource(dataset, batch_size, seed + SPLIT_SEED_OFFSET[args.split])
+        source = RowSource(dataset, batch_size, seed + SPLIT_SEED_OFFSET[args.split])
         scored = [source.next_batch() for _ in range(batches)]
         what, characters_per_token = "tokens", dataset.characters_per_token(loaded.tokenizer)
     objective = build_objective(config, loaded.tokenizer.mask_id)

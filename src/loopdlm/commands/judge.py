@@ -13,18 +13,7 @@ from loopdlm.config import available_presets, load_config
 from loopdlm.errors import UserError
 from loopdlm.eval.genppl import generative_perplexity, load_judge
 from loopdlm.sampling import prompt_canvas, sample
-from loopdlm.train.autoregressive import NextTokenObjective
-from loopdlm.train.distributed import setup_distributed
-from loopdlm.train.trainer import Trainer
-from loopdlm.workflow import (
-    absolute_paths,
-    build_model,
-    corpus_sources,
-    load_pretrained,
-    prepare_data_distributed,
-    resolve_device,
-    set_torch_threads,
-)
+from loopdlm.workflow import build_run, load_pretrained, resolve_device
 
 
 def register(subparsers) -> None:
@@ -52,18 +41,12 @@ def run_train_judge(args) -> None:
     config = load_config(args.config, args.overrides)
     if config.model.core_layers:
         raise UserError("a judge has no looped core: set model.core_start = model.core_end")
-    absolute_paths(config)
-    dist = setup_distributed(config.train.device)
-    set_torch_threads(config.train.threads)
-    corpus = prepare_data_distributed(config.data, dist)
-    tokenizer = corpus.tokenizer
+    if config.data.task:
+        raise UserError("a judge trains on a corpus (data.source), not on a task")
     config.model.causal = True  # saved with the checkpoint, so every later load builds a causal model
-    model = build_model(config.model, tokenizer.vocab_size, seed=config.train.seed)
-    sources = corpus_sources(corpus, config, dist)
-    trainer = Trainer(config, model, NextTokenObjective(), *sources, config.train.out_dir,
-                      tokenizer=tokenizer, dist=dist)
-    result = trainer.fit()
-    if dist.is_main:
+    training = build_run(config)  # a causal model trains on the next-token NLL
+    result = training.trainer.fit()
+    if training.dist.is_main:
         print(f"trained judge {result.step} steps -> {result.checkpoint}")
         for values in result.eval_metrics.values():
             print(f"  val NLL {values['nats_per_token']:.4f} nats/token (ppl {values['ppl_bound']:.2f})")

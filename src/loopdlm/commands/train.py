@@ -6,16 +6,9 @@ import logging
 import os
 
 from loopdlm.config import available_presets, load_config
-from loopdlm.train.distributed import setup_distributed
-from loopdlm.train.trainer import Trainer, format_validation
-from loopdlm.workflow import (
-    absolute_paths,
-    build_model,
-    build_training_objective,
-    corpus_sources,
-    prepare_data_distributed,
-    set_torch_threads,
-)
+from loopdlm.errors import UserError
+from loopdlm.train.metrics import format_validation
+from loopdlm.workflow import build_run
 
 logger = logging.getLogger(__name__)
 
@@ -31,23 +24,17 @@ def register(subparsers) -> None:
 
 def run(args) -> None:
     config = load_config(args.config, args.overrides)
+    if config.data.task:
+        raise UserError("data.task is set: train on a task with `loopdlm finetune --task SPEC`")
     if args.threads is not None:
         config.train.threads = args.threads
-    absolute_paths(config)
-    dist = setup_distributed(config.train.device)
-    threads = set_torch_threads(config.train.threads)
-    corpus = prepare_data_distributed(config.data, dist)
-    tokenizer = corpus.tokenizer
-    model = build_model(config.model, tokenizer.vocab_size, seed=config.train.seed)
-    objective = build_training_objective(config, tokenizer.mask_id)
-    train_source, val_source = corpus_sources(corpus, config, dist)
-    trainer = Trainer(config, model, objective, train_source, val_source, config.train.out_dir,
-                      tokenizer=tokenizer, dist=dist)
+    run = build_run(config)
+    config, dist, trainer = run.config, run.dist, run.trainer
     if dist.is_main:
-        t, m = config.train, corpus.manifest
+        t, m = config.train, run.corpus.manifest
         logger.info("train: %.2fM parameters on %s x %d, %s | %s: %d tokens (%d for training), %s tokenizer with "
-                    "%d ids | %d steps of %d x %d tokens | run folder %s", model.num_parameters() / 1e6,
-                    trainer.device, dist.world_size, threads, config.data.source, m.num_tokens, m.val_start,
+                    "%d ids | %d steps of %d x %d tokens | run folder %s", run.model.num_parameters() / 1e6,
+                    trainer.device, dist.world_size, run.threads, config.data.source, m.num_tokens, m.val_start,
                     config.data.tokenizer, m.vocab_size, t.steps, t.batch_size * t.grad_accum * dist.world_size,
                     config.data.seq_len, os.path.abspath(t.out_dir))
     result = trainer.fit()

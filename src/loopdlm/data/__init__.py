@@ -1,6 +1,7 @@
 """Data layer: tokenizers, text sources, and prepared token corpora (memmap datasets and batch samplers)."""
 
-from loopdlm.data.corpus import Manifest, SequenceSampler, TokenDataset, load_manifest, prepare_corpus
+from loopdlm.data.batches import SequenceSampler
+from loopdlm.data.corpus import Manifest, TokenDataset, load_manifest, prepare_corpus
 from loopdlm.data.sources import resolve_source
 from loopdlm.data.tokenizers import (
     BPETokenizer,

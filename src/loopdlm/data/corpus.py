@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loopdlm.data.batches import TokenBatch
 from loopdlm.data.tokenizers import Tokenizer
 from loopdlm.errors import UserError
 
@@ -219,59 +220,16 @@ class TokenDataset:
         sample = self._tokens[:estimate_from]
         return count_characters(sample, tokenizer) / len(sample)
 
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def select(self, indices: torch.Tensor) -> TokenBatch:
+        """`get(indices)` as a TokenBatch (every position noisable): the corpus as `Rows` of a `RowSource`."""
+        return TokenBatch(self.get(indices))
+
     def get(self, indices: torch.Tensor) -> torch.Tensor:
         """Sequences at `indices` (LongTensor [B], values in [0, num_sequences)) as a CPU LongTensor [B, seq_len]."""
         rows = indices.cpu().numpy()
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_sequences):
             raise IndexError(f"sequence index out of range [0, {self.num_sequences})")
         return torch.from_numpy(np.asarray(self._sequences[rows], dtype=np.int64))
-
-
-class SequenceSampler:
-    """Deterministic endless stream of sequence-index batches, resumable and shardable across ranks.
-
-    Each epoch is a fresh permutation of [0, num_sequences) drawn from (seed, epoch). The global batch is the next
-    batch_size * world_size entries of it; rank r takes rows [r * batch_size, (r + 1) * batch_size). An epoch's
-    leftover entries (fewer than one global batch) are skipped.
-    """
-
-    def __init__(self, num_sequences: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise UserError(f"bad sampler setup: batch_size={batch_size}, rank={rank}, world_size={world_size}")
-        self.global_batch_size = batch_size * world_size
-        if num_sequences < self.global_batch_size:
-            raise UserError(
-                f"dataset has {num_sequences} sequences, fewer than one global batch of {self.global_batch_size}"
-            )
-        self.num_sequences = num_sequences
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.load_state_dict({"epoch": 0, "cursor": 0})
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        # Hashing (seed, epoch) gives unrelated generator seeds for neighbouring seeds and epochs.
-        digest = hashlib.sha256(f"{self.seed}/{epoch}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-        return torch.randperm(self.num_sequences, generator=generator)
-
-    def next_batch(self) -> torch.Tensor:
-        """This rank's next batch of sequence indices: CPU LongTensor [batch_size]."""
-        if self.cursor + self.global_batch_size > self.num_sequences:
-            self.load_state_dict({"epoch": self.epoch + 1, "cursor": 0})
-        start = self.cursor + self.rank * self.batch_size
-        batch = self._order[start : start + self.batch_size].clone()
-        self.cursor += self.global_batch_size
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        """Position of the next batch: {"epoch": int, "cursor": int (index into the epoch's permutation)}."""
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a `state_dict()`; the following batches equal those the saved sampler would have given."""
-        epoch, cursor = int(state["epoch"]), int(state["cursor"])
-        if epoch < 0 or not 0 <= cursor <= self.num_sequences:
-            raise UserError(f"bad sampler state {state} for {self.num_sequences} sequences")
-        self.epoch, self.cursor = epoch, cursor
-        self._order = self._permutation(epoch)

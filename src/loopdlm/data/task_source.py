@@ -1,5 +1,5 @@
-"""Task examples as training/evaluation data: disjoint splits, a char tokenizer, and a batch source that noises
-only the answer region.
+"""Task examples as training/evaluation data: disjoint splits, a char tokenizer, and rows whose answer region alone
+is noised.
 
 Splits are decided by a hash of the prompt (bucket 0 of 10 = test, 1 = val, 2-9 = train), so a test problem can
 never appear in training, whatever seeds or example counts the two sides use, and nothing has to be recorded
@@ -10,24 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from loopdlm.data.corpus import SequenceSampler
+from loopdlm.data.batches import TensorRows
 from loopdlm.data.file_tasks import FileTask
 from loopdlm.data.task_spec import get_task
 from loopdlm.data.tasks import Example, Task, TaskBatch, TokenizerLike, encode_examples
 from loopdlm.data.tokenizers import CharTokenizer
 from loopdlm.errors import UserError
 
+if TYPE_CHECKING:
+    from loopdlm.config import DataConfig
+
 SPLITS = ("train", "val", "test", "all")
 _BUCKETS = 10
 _SPLIT_BUCKETS = {"test": range(0, 1), "val": range(1, 2), "train": range(2, _BUCKETS)}
 # A distinct-example search that finds nothing new in this many rounds has exhausted the split.
 _STALE_ROUNDS = 4
-#: Prefix of `data.source` naming the task a checkpoint was trained on, e.g. "task:sudoku4".
-TASK_SOURCE_PREFIX = "task:"
 
 
 def split_of(prompt: str) -> str:
@@ -104,11 +105,9 @@ def task_tokenizer(task: Task) -> CharTokenizer:
     return CharTokenizer(task.alphabet())
 
 
-def task_from_source(source: str) -> Task | None:
-    """The task named by a `data.source` of the form 'task:SPEC' (as `finetune` records it), else None."""
-    if not source.startswith(TASK_SOURCE_PREFIX):
-        return None
-    return get_task(source[len(TASK_SOURCE_PREFIX):])
+def task_of(data: DataConfig) -> Task | None:
+    """The task a run trained on (`data.task`, as `finetune` records it), or None for a corpus run."""
+    return get_task(data.task) if data.task else None
 
 
 def encode_task(task: Task, examples: list[Example], tokenizer: TokenizerLike) -> TaskBatch:
@@ -127,37 +126,10 @@ def task_nelbo_batches(task: Task, tokenizer: TokenizerLike, split: str, count: 
             for start in range(0, rows.tokens.shape[0], batch_size)]
 
 
-class TaskBatchSource:
-    """The trainer's `BatchSource` over fixed task rows: only the answer region is noisable, so the prompt is always
-    visible and the loss scores the answer (and its eos fill) alone.
-
-    Rows are visited epoch by epoch in a permutation drawn from (seed, epoch), sharded over ranks like the corpus
-    sampler; state_dict/load_state_dict make the stream resumable.
-    """
-
-    def __init__(self, rows: TaskBatch, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        """rows: encoded examples (see `encode_task`); batch_size: rows per `next_batch` on this rank."""
-        self.rows = rows
-        self.noisable = ~rows.prompt_mask
-        self.sampler = SequenceSampler(rows.tokens.shape[0], batch_size, seed, rank=rank, world_size=world_size)
-
-    @property
-    def seq_len(self) -> int:
-        """Row width P + A."""
-        return self.rows.tokens.shape[1]
-
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """(x0 int64 [B, P + A], noisable bool [B, P + A] = True exactly on the answer columns)."""
-        index = self.sampler.next_batch()
-        return self.rows.tokens[index], self.noisable[index]
-
-    def state_dict(self) -> dict[str, Any]:
-        """Position in the stream: {"epoch": int, "cursor": int}."""
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state_dict()`."""
-        self.sampler.load_state_dict(state)
+def task_rows(rows: TaskBatch) -> TensorRows:
+    """Encoded task examples as the `Rows` of a `RowSource`: only the answer region is noisable, so the prompt is
+    always visible and the loss scores the answer (and its eos fill) alone."""
+    return TensorRows(rows.tokens, ~rows.prompt_mask)
 
 
 def answer_canvas(rows: TaskBatch, mask_id: int) -> Tensor:
@@ -167,5 +139,5 @@ def answer_canvas(rows: TaskBatch, mask_id: int) -> Tensor:
     return canvas
 
 
-__all__ = ["SPLITS", "TASK_SOURCE_PREFIX", "TaskBatchSource", "answer_canvas", "encode_task", "split_of",
-           "task_examples", "task_from_source", "task_nelbo_batches", "task_tokenizer"]
+__all__ = ["SPLITS", "answer_canvas", "encode_task", "split_of", "task_examples", "task_nelbo_batches", "task_of",
+           "task_rows", "task_tokenizer"]

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from loopdlm.diffusion.masked import (
     DiffusionConfig,
+    NelboHooks,
     NelboTerms,
     apply_mask,
     average_terms,
@@ -110,7 +111,7 @@ class BlockNoise:
     t: Tensor
 
 
-class BlockDiffusion:
+class BlockDiffusion(NelboHooks):
     """The BD3-LM objective: block-wise masked diffusion trained in one [x_t ; x_0] pass.
 
     Args:

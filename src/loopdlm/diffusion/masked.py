@@ -116,7 +116,28 @@ def average_terms(draws: list[NelboTerms]) -> NelboTerms:
                       per_row=sum(d.per_row for d in draws) / count)
 
 
-class MaskedDiffusion:
+class NelboHooks:
+    """The optional training hooks of a NELBO objective, no-ops here; block diffusion overrides them to tune its
+    noise interval on validation data and checkpoint the choice.
+
+    validation_batches: how many clean validation batches `on_validation` wants (None = train.eval_batches).
+    """
+
+    validation_batches: int | None = None
+
+    def on_validation(self, denoiser: Denoiser, batches: list, log: Callable[[dict], None]) -> None:
+        """Adapt to clean validation batches [(x0 int64 [B, L], noisable bool [B, L] or None), ...]; `log` records
+        a dict in the run's metrics."""
+
+    def state_dict(self) -> dict:
+        """What `on_validation` learnt (plain values), saved with checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`."""
+
+
+class MaskedDiffusion(NelboHooks):
     """The MDLM objective over whole sequences: one t per sequence, stratified over the batch."""
 
     def __init__(self, mask_id: int, schedule: Schedule | None = None, antithetic: bool = True):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -77,12 +77,16 @@ def bits_per_char(nats_per_token: float, characters_per_token: float | None) -> 
 
 @torch.no_grad()
 def likelihood_bound(model: LoopedTransformer, objective, batches: Iterable[tuple[Tensor, Tensor | None]],
-                     loops: int, samples: int = 1, seed: int = 0, characters_per_token: float | None = None
-                     ) -> LikelihoodReport:
+                     loops: int, samples: int = 1, seed: int = 0, characters_per_token: float | None = None, *,
+                     autocast_dtype: torch.dtype | None = None,
+                     reduce: Callable[[Tensor], Tensor] | None = None) -> LikelihoodReport:
     """NELBO of `model` run with S = `loops`, token-weighted over `batches` of (x0 [B, L], noisable [B, L] | None),
     each scored with `samples` independent t draws (a tighter Monte-Carlo estimate of the same bound).
 
-    Deterministic for a given seed, so values are comparable across checkpoints.
+    Deterministic for a given seed, so values are comparable across checkpoints; training's validation calls it
+    with the same seed as `loopdlm eval`, so the two agree. autocast_dtype: run the model under autocast to this
+    dtype (None = as it is); reduce: sums the per-batch (NLL, tokens) float64 [2, N] over processes in place (the
+    trainer's all-reduce), so every rank reports the whole validation set.
     """
     was_training = model.training
     model.eval()
@@ -93,13 +97,19 @@ def likelihood_bound(model: LoopedTransformer, objective, batches: Iterable[tupl
     def denoiser(tokens: Tensor, **kwargs) -> Tensor:
         return model(tokens, loops=loops, **kwargs).logits
 
-    for x0, noisable in batches:
-        x0 = x0.to(device)
-        noisable = noisable.to(device) if noisable is not None else None
-        terms = objective.bound(denoiser, x0, generator, noisable, samples)
-        batch_nll.append(float(terms.nll_sum))
-        batch_tokens.append(float(terms.n_tokens))
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        for x0, noisable in batches:
+            x0 = x0.to(device)
+            noisable = noisable.to(device) if noisable is not None else None
+            terms = objective.bound(denoiser, x0, generator, noisable, samples)
+            batch_nll.append(terms.nll_sum.double())
+            batch_tokens.append(terms.n_tokens.double())
     model.train(was_training)
+    sums = torch.stack((torch.stack(batch_nll), torch.stack(batch_tokens))) if batch_nll else \
+        torch.zeros(2, 0, dtype=torch.float64, device=device)
+    if reduce is not None:
+        reduce(sums)
+    batch_nll, batch_tokens = sums.tolist()
     total_tokens = sum(batch_tokens)
     return LikelihoodReport(loops=loops, nats_per_token=sum(batch_nll) / max(total_tokens, 1.0),
                             tokens=int(total_tokens), characters_per_token=characters_per_token,

@@ -38,9 +38,9 @@ INFERENCE_FIELDS = {
     "injection": "injection", "residual_init": "residual_init", "loop_norm": "loop_norm",
     "rope_theta": "rope_theta", "tie_embeddings": "tie_word_embeddings", "causal": "causal",
 }
-#: ModelConfig fields that only shape training (initialisation, gradient truncation, activation checkpointing):
-#: recorded in config.json under their own names, no code in the modeling file.
-TRAINING_FIELDS = ("init_depth", "backprop_loops", "checkpoint_loops")
+#: ModelConfig fields that only shape training (initialisation, gradient truncation): recorded in config.json
+#: under their own names, no code in the modeling file.
+TRAINING_FIELDS = ("init_depth", "backprop_loops")
 #: The choices of the fields that the modeling file handles (residual_init "zero" only differs at init; a causal
 #: judge is not a masked LM).
 SUPPORTED_CHOICES = {"injection": ("none", "add", "concat"), "residual_init": ("default", "zero", "gated"),

@@ -7,7 +7,7 @@ loads it without loopdlm. The stack is embed -> prelude [0, core_start) -> core 
 `injection` says how the prelude output e re-enters the core (none; add: h + e before loops 2..S; concat: a
 Linear(2d -> d) on [h ; e] before every loop), `residual_init="gated"` multiplies each block's attention and MLP
 branch by a learned per-channel gate, and `loop_norm` RMS-normalises the core output after every loop.
-`init_depth`, `backprop_loops`, `checkpoint_loops` and `residual_init="zero"` only shaped training; config.json
+`init_depth`, `backprop_loops` and `residual_init="zero"` only shaped training; config.json
 records them and the forward pass ignores them. `forward(input_ids, loops=S)` takes any S >= 1, also above the
 training maximum `max_loops` (the default). The logits score every token but the model was trained to predict only
 at masked positions (`mask_token_id`) and never predicts the mask token itself.

@@ -33,6 +33,10 @@ RESIDUAL_INITS = ("default", "zero", "gated")
 INIT_DEPTHS = ("stored", "effective")
 
 
+#: ModelConfig fields that shape no weights: `architecture()` leaves them out (a resume may change them).
+RUN_TIME_FIELDS = ("max_loops",)
+
+
 @dataclass
 class ModelConfig:
     """Shape of the denoiser. `vocab_size` counts every token id, the mask token included.
@@ -51,7 +55,8 @@ class ModelConfig:
     core_start: int = setting(0, "first layer of the looped core (a in [a, b))", NON_NEGATIVE)
     core_end: int = setting(0, "layer after the looped core (b; core_start = core_end is a plain transformer)",
                             NON_NEGATIVE)
-    max_loops: int = setting(1, "S_max: training draws S in 1..S_max core applications per step", POSITIVE)
+    max_loops: int = setting(1, "S_max: training draws S in 1..S_max core applications per step; the default S of "
+                             "sampling and evaluation (a resume may change it: it shapes no weights)", POSITIVE)
     input_injection: bool = setting(False, "legacy spelling of injection=add (configs written before `injection` "
                                     "existed)")
     injection: str = setting(
@@ -70,7 +75,6 @@ class ModelConfig:
     backprop_loops: int = setting(
         0, "truncated backprop: only the last k loops build a graph, earlier ones run under no_grad (as Huginn); "
         "0 = backpropagate through every loop. Needs an injection so the prelude keeps its gradient", NON_NEGATIVE)
-    checkpoint_loops: bool = setting(False, "activation checkpointing per loop (memory flat in S)")
     tie_embeddings: bool = setting(False, "share the input embedding with the output head")
     causal: bool = setting(False, "causal attention when no mask is passed (an autoregressive judge, `train-judge`); "
                            "False = bidirectional (a denoiser)")
@@ -110,6 +114,11 @@ class ModelConfig:
         """Block applications of a forward pass at S = max_loops (the core counted max_loops times)."""
         return self.n_layers + self.core_layers * (self.max_loops - 1)
 
+    def architecture(self) -> dict[str, object]:
+        """The fields that decide which weights exist and what they compute: every field but `max_loops`, which
+        only sets the default S (training's S_max, sampling's default), so a resume may change it."""
+        return {name: value for name, value in vars(self).items() if name not in RUN_TIME_FIELDS}
+
 
 class LoopExit(Protocol):
     """Decides, after loop k of the core, which rows (or tokens) keep iterating."""
@@ -146,6 +155,9 @@ class LoopedTransformer(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        #: Activation checkpointing per loop (memory flat in S): a run-time switch (train.checkpoint_loops), not
+        #: part of the architecture.
+        self.checkpoint_loops = False
         hidden = int(config.mlp_ratio * config.d_model)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         gated = config.residual_init == "gated"
@@ -240,7 +252,7 @@ class LoopedTransformer(nn.Module):
 
                 with torch.no_grad() if loop < first_with_grad else contextlib.nullcontext():
                     core_in = self._loop_input(h, prelude_out, loop)
-                    if cfg.checkpoint_loops and torch.is_grad_enabled() and present is None:
+                    if self.checkpoint_loops and torch.is_grad_enabled() and present is None:
                         h = checkpoint(run_core, core_in, use_reentrant=False)
                     else:
                         h = run_core(core_in)

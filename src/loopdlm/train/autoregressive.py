@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from loopdlm.diffusion.masked import Denoiser, NelboTerms
+from loopdlm.diffusion.masked import Denoiser, NelboHooks, NelboTerms
 
 
-class NextTokenObjective:
+class NextTokenObjective(NelboHooks):
     """Next-token cross-entropy in the trainer's `Objective` shape: `nelbo` returns the exact NLL of x0[:, 1:]
     given its prefix (an autoregressive model has no bound to take), in nats per predicted token."""
 

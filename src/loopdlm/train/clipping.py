@@ -20,9 +20,9 @@ def clip_groups(model: nn.Module, params: list[Tensor], split_core: bool) -> lis
 
     model: the unwrapped `LoopedTransformer` (its `layers` and `config`); params: the trainer's parameter list.
     """
-    cfg = model.config
-    if not split_core or not cfg.core_layers:
+    if not split_core or not model.config.core_layers:
         return [params]
+    cfg = model.config
     core = {id(p) for layer in model.layers[cfg.core_start:cfg.core_end] for p in layer.parameters()}
     return [[p for p in params if id(p) in core], [p for p in params if id(p) not in core]]
 

@@ -32,26 +32,29 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from loopdlm.config import RunConfig
-from loopdlm.data.task_source import TaskBatchSource, encode_task, task_examples, task_from_source
+from loopdlm.data.batches import RowSource, TokenBatch
+from loopdlm.data.task_source import encode_task, task_examples, task_of, task_rows
 from loopdlm.data.tokenizers import Tokenizer
 from loopdlm.diffusion.masked import MaskedDiffusion, apply_mask, subs_log_probs
 from loopdlm.errors import UserError
 from loopdlm.models.transformer import LoopedTransformer
 from loopdlm.sampling.codd import HMMPrior
 from loopdlm.sampling.coupling import save_codd_layer, window_chunks
+from loopdlm.train.callbacks import Callback
+from loopdlm.train.objective import LossTerms, ModelCall, Objective
+from loopdlm.train.trainer import Trainer
 from loopdlm.workflow import (
-    CorpusBatchSource,
     build_objective,
     checkpoint_corpus_split,
     load_pretrained,
     resolve_device,
 )
 
-#: tokens int64 [B, L] (x_t) -> SUBS log-probs float [B, L, V] of the frozen denoiser.
-DenoiserFn = Callable[[Tensor], Tensor]
+#: The frozen model whose outputs the prior couples: tokens int64 [B, L] (x_t) -> SUBS log-probs float [B, L, V].
+FrozenScorer = Callable[[Tensor], Tensor]
 
 #: Most task examples generated for a task checkpoint's prior (generation is not free, e.g. for sudoku).
 MAX_TASK_EXAMPLES = 20_000
@@ -64,7 +67,7 @@ class SequenceSource(Protocol):
         """(x0 int64 [B, L], noisable bool [B, L] or None = every position)."""
 
 
-def frozen_model_denoiser(model: LoopedTransformer, mask_id: int, loops: int = 1) -> DenoiserFn:
+def frozen_model_denoiser(model: LoopedTransformer, mask_id: int, loops: int = 1) -> FrozenScorer:
     """The model as a frozen denoiser: tokens [B, L] -> SUBS log-probs float32 [B, L, V], S = `loops`, no grad."""
     if loops < 1:
         raise UserError(f"loops must be >= 1, got {loops}")
@@ -92,6 +95,13 @@ class NoisyBatch:
     weight: Tensor
     row_tokens: Tensor
 
+    def to(self, device: torch.device | str) -> NoisyBatch:
+        return NoisyBatch(*(t.to(device) for t in (self.x0, self.log_q, self.observed, self.weight, self.row_tokens)))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x0.numel()
+
 
 def region_start(noisable: Tensor | None) -> int:
     """First column any row may noise (0 when noisable is None): where the windows start. noisable: bool [B, L]."""
@@ -103,7 +113,7 @@ def region_start(noisable: Tensor | None) -> int:
     return int(columns[0])
 
 
-def draw_noisy_batch(denoiser: DenoiserFn, x0: Tensor, noisable: Tensor | None, diffusion: MaskedDiffusion,
+def draw_noisy_batch(denoiser: FrozenScorer, x0: Tensor, noisable: Tensor | None, diffusion: MaskedDiffusion,
                      generator: torch.Generator | None) -> NoisyBatch:
     """Noise x0 [B, L] (one stratified t per row), run the denoiser on the whole x_t and keep the region."""
     t = diffusion.sample_times(x0.shape[0], generator, x0.device)
@@ -119,11 +129,45 @@ def draw_noisy_batch(denoiser: DenoiserFn, x0: Tensor, noisable: Tensor | None, 
 def coupled_nelbo(prior: HMMPrior, batch: NoisyBatch, window: int, chunk_size: int | None = None) -> Tensor:
     """-sum over rows and windows of w(t) log p^(x0_window | x_t) / sum(row_tokens): scalar, differentiable in the
     prior's parameters (nats per token)."""
+    return coupled_nll_sum(prior, batch, window, chunk_size) / batch.row_tokens.sum().clamp(min=1)
+
+
+def coupled_nll_sum(prior: HMMPrior, batch: NoisyBatch, window: int, chunk_size: int | None = None) -> Tensor:
+    """-sum over rows and windows of w(t) log p^(x0_window | x_t): scalar (nats), differentiable in the prior."""
     total = batch.log_q.new_zeros(())
     for part in window_chunks(batch.x0.shape[1], window):
         log_p = prior.log_prob(batch.x0[:, part], batch.log_q[:, part], batch.observed[:, part], chunk_size=chunk_size)
         total = total - (batch.weight.to(log_p.dtype) * log_p).sum()
-    return total / batch.row_tokens.sum().clamp(min=1)
+    return total
+
+
+class CoupledScorer(nn.Module):
+    """The trainable of CoDD prior fitting: the prior scoring noisy batches window by window.
+    forward(NoisyBatch) -> `coupled_nll_sum` (what the trainer back-propagates)."""
+
+    def __init__(self, prior: HMMPrior, window: int, chunk_size: int | None = None):
+        super().__init__()
+        self.prior, self.window, self.chunk_size = prior, window, chunk_size
+
+    def forward(self, batch: NoisyBatch) -> Tensor:
+        return coupled_nll_sum(self.prior, batch, self.window, self.chunk_size)
+
+
+class CoupledPriorObjective(Objective):
+    """CoDD prior fitting as a trainer objective: the coupled NELBO in nats per noisable token, with the frozen
+    model's own factorised NELBO on the same batch as the metric "factorised". Batches are clean `TokenBatch`es,
+    noised with the step's generator and scored by `frozen` (the frozen model's log-probs), or `NoisyBatch`es of a
+    top-k pool, used as they are."""
+
+    def __init__(self, frozen: FrozenScorer | None, diffusion: MaskedDiffusion):
+        self.frozen, self.diffusion = frozen, diffusion
+
+    def loss(self, scorer: ModelCall, batch: TokenBatch | NoisyBatch, generator: torch.Generator) -> LossTerms:
+        if not isinstance(batch, NoisyBatch):
+            batch = draw_noisy_batch(self.frozen, batch.x0, batch.noisable, self.diffusion, generator)
+        count = batch.row_tokens.sum().clamp(min=1).float()
+        return LossTerms(total=scorer(batch), count=count,
+                         metrics={"factorised": factorised_nelbo(batch).detach() * count})
 
 
 def factorised_nelbo(batch: NoisyBatch) -> Tensor:
@@ -159,7 +203,7 @@ class TopKPool:
     def __len__(self) -> int:
         return len(self.x0)
 
-    def batch(self, rows: Tensor) -> NoisyBatch:
+    def select(self, rows: Tensor) -> NoisyBatch:
         """Dense NoisyBatch of the pool entries `rows` (int64 [B])."""
         values, indices = self.values[rows], self.indices[rows].long()
         log_q = densify_topk(values, indices, self.vocab_size, self.mask_id)
@@ -232,57 +276,73 @@ def initial_prior(n_states: int, vocab_size: int, init_std: float, seed: int) ->
     return prior
 
 
-def train_codd_prior(denoiser: DenoiserFn, source: SequenceSource, diffusion: MaskedDiffusion, vocab_size: int,
+def train_codd_prior(denoiser: FrozenScorer, source: SequenceSource, diffusion: MaskedDiffusion, vocab_size: int,
                      config: CoDDTrainConfig, device: torch.device | str = "cpu",
-                     on_log: Callable[[int, float, float], None] | None = None) -> CoDDTrainResult:
-    """Fit a fresh HMMPrior(config.n_states, vocab_size) to the frozen `denoiser` with Adam.
+                     on_log: Callable[[int, float, float], None] | None = None, out_dir: str | Path | None = None
+                     ) -> CoDDTrainResult:
+    """Fit a fresh HMMPrior(config.n_states, vocab_size) to the frozen `denoiser` with the `Trainer` (Adam at a
+    constant rate: AdamW without weight decay, no clipping, no EMA).
 
     Args:
         denoiser: tokens [B, L] -> log-probs [B, L, V] (e.g. `frozen_model_denoiser`); never differentiated.
-        source: clean rows; `next_batch()` is called once per step (topk = 0) or pool_batches times (topk > 0).
+        source: clean rows; `next_batch()` is called once per step (topk = 0) or pool_batches times (topk > 0, the
+            pool then feeds the steps through a `RowSource`).
         diffusion: noise schedule, times and mask id (one stratified t per row).
         vocab_size: V, every id of the model's vocabulary (mask included).
         on_log: called as on_log(step, coupled, factorised) every config.log_every steps and at the last one.
+        out_dir: run folder (metrics.jsonl, checkpoints; a second call on it resumes); None = in memory.
     Returns:
         CoDDTrainResult.
     """
     config.validate()
     start_time = time.perf_counter()
     prior = initial_prior(config.n_states, vocab_size, config.init_std, config.seed).to(device)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    optimizer = torch.optim.Adam(prior.parameters(), lr=config.lr)
-    result = CoDDTrainResult(prior=prior)
+    passes = 0
 
-    def next_noisy() -> NoisyBatch:
-        x0, noisable = source.next_batch()
-        result.denoiser_passes += 1
-        return draw_noisy_batch(denoiser, x0.to(device), None if noisable is None else noisable.to(device),
-                                diffusion, generator)
+    def counted(tokens: Tensor) -> Tensor:
+        nonlocal passes
+        passes += 1
+        return denoiser(tokens)
 
-    pool = None
     if config.topk > 0:
-        first = next_noisy()
-        pool = TopKPool([first] + [next_noisy() for _ in range(config.pool_batches - 1)], config.topk,
-                        vocab_size, diffusion.mask_id)
-        batch_size = len(first.x0)
-    for step in range(1, config.steps + 1):
-        if pool is None:
-            batch = next_noisy()
-        else:
-            batch = pool.batch(torch.randint(len(pool), (batch_size,), generator=generator, device=device))
-        loss = coupled_nelbo(prior, batch, config.window, config.chunk_size)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        result.history.append((step, float(loss.detach()), float(factorised_nelbo(batch))))
-        if on_log is not None and (step % config.log_every == 0 or step == config.steps):
-            on_log(*result.history[-1])
-    result.seconds = time.perf_counter() - start_time
-    return result
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+        noisy = [draw_noisy_batch(counted, *source.next_batch().to(device), diffusion, generator)
+                 for _ in range(config.pool_batches)]
+        pool = TopKPool(noisy, config.topk, vocab_size, diffusion.mask_id)
+        source = RowSource(pool, len(noisy[0].x0), config.seed)
+    run = RunConfig()
+    train = run.train
+    train.steps, train.lr, train.seed, train.device, train.precision = config.steps, config.lr, config.seed, \
+        str(torch.device(device)), "fp32"
+    train.warmup_steps, train.lr_schedule, train.weight_decay, train.grad_clip, train.ema_decay = 0, "constant", \
+        0.0, 0.0, 0.0
+    train.eval_every, train.ckpt_every, train.log_every = 0, 0, config.log_every
+    logger = [_LogCoupled(on_log)] if on_log is not None else []
+    trainer = Trainer(run, CoupledScorer(prior, config.window, config.chunk_size),
+                      CoupledPriorObjective(counted, diffusion), source, None, out_dir,
+                      callbacks=logger)
+    fitted = trainer.fit()
+    history = [(step, record["loss"], record["factorised"]) for (step, _, _), record in
+               zip(fitted.history, fitted.records)]
+    return CoDDTrainResult(prior=prior, history=history, seconds=time.perf_counter() - start_time,
+                           denoiser_passes=passes)
+
+
+class _LogCoupled(Callback):
+    """Calls on_log(step, coupled, factorised) every train.log_every updates and at the last one."""
+
+    def __init__(self, on_log: Callable[[int, float, float], None]):
+        self.on_log = on_log
+
+    def on_step_end(self, trainer: Trainer, last: bool) -> bool:
+        every = trainer.config.train.log_every
+        if last or (every > 0 and trainer.step % every == 0):
+            self.on_log(trainer.step, trainer.last_record["loss"], trainer.last_record["factorised"])
+        return False
 
 
 @torch.no_grad()
-def evaluate_codd(prior: HMMPrior, denoiser: DenoiserFn, source: SequenceSource, diffusion: MaskedDiffusion,
+def evaluate_codd(prior: HMMPrior, denoiser: FrozenScorer, source: SequenceSource, diffusion: MaskedDiffusion,
                   window: int, batches: int = 8, seed: int = 0, chunk_size: int | None = None,
                   device: torch.device | str = "cpu") -> dict[str, float]:
     """Mean coupled and factorised objectives (nats/token) over `batches` batches of `source` with noise drawn
@@ -301,16 +361,15 @@ def evaluate_codd(prior: HMMPrior, denoiser: DenoiserFn, source: SequenceSource,
 
 def checkpoint_training_source(run: RunConfig, tokenizer: Tokenizer, batch_size: int, config: CoDDTrainConfig
                                ) -> SequenceSource:
-    """Clean training rows for a checkpoint's prior: its task's train split for a task checkpoint (data.source
-    'task:SPEC', answer region noisable; as many examples as the run consumes, at most 20000), else its corpus'
+    """Clean training rows for a checkpoint's prior: its task's train split for a task checkpoint (data.task, answer region noisable; as many examples as the run consumes, at most 20000), else its corpus'
     train split (prepared on first use, as `loopdlm train` does). UserError when the data's tokenizer differs from
     the checkpoint's."""
-    task = task_from_source(run.data.source)
+    task = task_of(run.data)
     if task is not None:
         wanted = batch_size * (config.pool_batches if config.topk else config.steps)
         examples = task_examples(task, min(max(wanted, batch_size), MAX_TASK_EXAMPLES), config.seed, "train")
-        return TaskBatchSource(encode_task(task, examples, tokenizer), batch_size, config.seed)
-    return CorpusBatchSource(checkpoint_corpus_split(run.data, tokenizer, "train"), batch_size, config.seed)
+        return RowSource(task_rows(encode_task(task, examples, tokenizer)), batch_size, config.seed)
+    return RowSource(checkpoint_corpus_split(run.data, tokenizer, "train"), batch_size, config.seed)
 
 
 def train_codd_from_checkpoint(checkpoint: str | Path, out: str | Path, config: CoDDTrainConfig, batch_size: int,
@@ -347,6 +406,6 @@ def train_codd_from_checkpoint(checkpoint: str | Path, out: str | Path, config: 
     return result
 
 
-__all__ = ["CoDDTrainConfig", "CoDDTrainResult", "NoisyBatch", "TopKPool", "checkpoint_training_source",
-           "coupled_nelbo", "densify_topk", "draw_noisy_batch", "evaluate_codd", "factorised_nelbo",
+__all__ = ["CoDDTrainConfig", "CoDDTrainResult", "CoupledPriorObjective", "CoupledScorer", "NoisyBatch", "TopKPool", "checkpoint_training_source",
+           "coupled_nelbo", "coupled_nll_sum", "densify_topk", "draw_noisy_batch", "evaluate_codd", "factorised_nelbo",
            "frozen_model_denoiser", "initial_prior", "region_start", "train_codd_from_checkpoint", "train_codd_prior"]

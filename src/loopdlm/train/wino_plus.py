@@ -21,15 +21,16 @@ Rows use the task layout of `loopdlm.data.task_source.encode_task` (the one `loo
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from loopdlm.config import RunConfig
+from loopdlm.data.batches import PairedSource, RowSource, TensorRows, TokenBatch
 from loopdlm.data.task_source import answer_canvas, encode_task
 from loopdlm.data.tasks import Example, Task, decode_answers
 from loopdlm.diffusion.masked import MaskedDiffusion, subs_log_probs
@@ -40,6 +41,9 @@ from loopdlm.sampling.denoisers import ModelDenoiser
 from loopdlm.sampling.engine import Denoiser, DenoiserOutputs, SampleResult, generate
 from loopdlm.sampling.parallel import predictive_entropy
 from loopdlm.sampling.wino import WinoDenoiser
+from loopdlm.train.callbacks import EarlyStopping
+from loopdlm.train.objective import LossTerms, ModelCall, Objective, model_logits
+from loopdlm.train.trainer import Trainer
 
 #: WINO+'s recording sampler: WINO with the paper's offline thresholds; one block over the whole answer.
 RECORDING_SPEC = SamplerSpec(sampler="wino", tau1=0.5, tau2=0.8, temperature=0.0)
@@ -91,9 +95,29 @@ class WinoPlusRows:
         """Rows at `index` (int64 [n]) as a new WinoPlusRows."""
         return WinoPlusRows(self.inputs[index], self.clean[index], self.targets[index], self.block[index])
 
+    def select(self, index: Tensor) -> WinoPlusBatch:
+        """The rows at `index` as a training batch (the `Rows` of a `RowSource`)."""
+        return WinoPlusBatch(self.subset(index))
+
     def to(self, device: torch.device | str) -> WinoPlusRows:
         """The same rows on `device`."""
         return WinoPlusRows(*(t.to(device) for t in (self.inputs, self.clean, self.targets, self.block)))
+
+
+@dataclass
+class WinoPlusBatch:
+    """One WINO+ training batch: rows, and the supervised anchor's clean task rows (or None)."""
+
+    rows: WinoPlusRows
+    anchor: TokenBatch | None = None
+
+    def to(self, device: torch.device | str) -> WinoPlusBatch:
+        return WinoPlusBatch(self.rows.to(device), None if self.anchor is None else self.anchor.to(device))
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the WINO+ rows and the anchor rows."""
+        return self.rows.inputs.numel() + (self.anchor.num_tokens if self.anchor is not None else 0)
 
 
 # ------------------------------------------------------------------------------------------------- recording
@@ -314,103 +338,73 @@ class SupervisedAnchor:
     batch_size: int = 32
 
 
-@dataclass
-class EarlyStopping:
-    """Model selection on a held-out score during WINO+ fine-tuning.
+class WinoPlusObjective(Objective):
+    """The three-term WINO+ loss on `WinoPlusBatch`es, plus the supervised anchor's NELBO when the batch carries
+    anchor rows (`SupervisedAnchor`): loss = WINO+ + anchor_weight * NELBO. Each term is a mean over the batch's
+    own positions (module docstring, step 3); the trainer weights micro-batches by their rows."""
 
-    score: model -> float, higher is better (e.g. threshold-decoding accuracy on held-out training-split prompts);
-    it is evaluated before the first step and after every `every` steps (and after the last), and the weights with
-    the best score (the earliest of ties, so the starting weights win a tie) are loaded back at the end.
-    patience: stop after this many evaluations in a row without improvement (0 = run every step).
-    After fine-tuning, `scores` holds (step, score) in order and `best_step` the step whose weights were kept.
-    """
+    def __init__(self, mask_id: int, weights: WinoPlusLossWeights = WinoPlusLossWeights(),
+                 anchor_diffusion: MaskedDiffusion | None = None, anchor_weight: float = 1.0):
+        self.mask_id, self.weights = mask_id, weights
+        self.anchor_diffusion, self.anchor_weight = anchor_diffusion, anchor_weight
 
-    score: Callable[[LoopedTransformer], float]
-    every: int
-    patience: int = 0
-    scores: list[tuple[int, float]] = field(default_factory=list)
-    best_step: int = 0
-    _best_state: dict[str, Tensor] | None = field(default=None, repr=False)
-    _since_best: int = 0
-
-    def check(self, model: LoopedTransformer, step: int) -> bool:
-        """Score `model` (in eval mode, its mode restored after) at `step`, keeping a copy of its weights when they
-        are the best so far. Returns True when `patience` evaluations in a row brought no improvement."""
-        was_training = model.training
-        model.eval()
-        score = float(self.score(model))
-        model.train(was_training)
-        if self._best_state is None or score > max(s for _, s in self.scores):
-            self.best_step, self._best_state, self._since_best = step, copy.deepcopy(model.state_dict()), 0
-        else:
-            self._since_best += 1
-        self.scores.append((step, score))
-        return self.patience > 0 and self._since_best >= self.patience
-
-    def restore(self, model: LoopedTransformer) -> None:
-        """Load the best weights seen by `check` into `model`."""
-        if self._best_state is None:
-            raise UserError("early stopping has not scored any weights yet")
-        model.load_state_dict(self._best_state)
+    def loss(self, denoiser: ModelCall, batch: WinoPlusBatch, generator: torch.Generator) -> LossTerms:
+        logits = model_logits(denoiser)
+        rows = batch.rows
+        log_probs = subs_log_probs(logits(rows.inputs), self.mask_id)
+        terms = wino_plus_loss(log_probs, rows, self.mask_id, self.weights)
+        total = terms.total
+        metrics = {"ce": terms.ce, "entropy_min": terms.entropy_min, "entropy_max": terms.entropy_max}
+        if batch.anchor is not None:
+            nelbo = self.anchor_diffusion.nelbo(logits, batch.anchor.x0, generator, batch.anchor.noisable).loss
+            total = total + self.anchor_weight * nelbo
+            metrics["nelbo"] = float(nelbo.detach())
+        count = len(rows)
+        return LossTerms(total=total * count, count=torch.tensor(float(count)),
+                         metrics={name: torch.tensor(value * count) for name, value in metrics.items()})
 
 
 def finetune_wino_plus(model: LoopedTransformer, rows: WinoPlusRows, mask_id: int, steps: int, lr: float = 1e-4,
                        batch_size: int = 32, max_loops: int | None = None,
                        weights: WinoPlusLossWeights = WinoPlusLossWeights(), weight_decay: float = 0.0,
                        grad_clip: float = 1.0, seed: int = 0, anchor: SupervisedAnchor | None = None,
-                       early_stopping: EarlyStopping | None = None) -> list[dict[str, float]]:
-    """Fine-tune `model` in place on WINO+ rows with AdamW; returns one log dict per step taken.
+                       early_stopping: EarlyStopping | None = None, out_dir: str | Path | None = None,
+                       log_every: int = 10) -> list[dict[str, float]]:
+    """Fine-tune `model` in place on WINO+ rows with the `Trainer` (AdamW at a constant rate, no EMA); returns one
+    log dict per update of this call (loss, ce, entropy_min, entropy_max, loops, lr, grad_norm, and nelbo with an
+    anchor).
 
-    Each step draws `batch_size` rows uniformly (with replacement across steps) and, for a looped model, one loop
-    count S ~ U{1, ..., max_loops} (default: the model's training S_max) for the whole batch, so the model stays
-    usable at every depth it was trained for. With `anchor`, the step's loss also carries the supervised NELBO on
-    anchor rows (logged as 'nelbo'); with `early_stopping`, training may stop early and the best-scoring weights
-    are restored (see `EarlyStopping`). Rows are moved to the model's device; the model is left in the train/eval
-    mode it came in.
+    Each update reads the next `batch_size` rows of a seeded permutation (`RowSource`) and, for a looped model, one
+    loop count S ~ U{1, ..., max_loops} (default: the model's training S_max) drawn from (seed, step), so the
+    model stays usable at every depth it was trained for. With `anchor`, the loss also carries the supervised NELBO
+    on anchor rows; with `early_stopping`, training may stop early and the best-scoring weights are restored
+    (see `EarlyStopping`). With `out_dir`, the run folder gets metrics.jsonl (a train record every `log_every`
+    updates) and a checkpoint at the end, and a call on a folder holding checkpoints resumes from the latest (the
+    same updates as an uninterrupted run). The model stays on its device and is left in the train/eval mode it
+    came in.
     """
     if steps < 1 or batch_size < 1:
         raise UserError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     if anchor is not None and (anchor.batch_size < 1 or anchor.tokens.shape != anchor.noisable.shape):
         raise UserError("the supervised anchor needs batch_size >= 1 and noisable of the tokens' shape")
-    if early_stopping is not None and early_stopping.every < 1:
-        raise UserError(f"early stopping needs every >= 1, got {early_stopping.every}")
-    max_loops = max_loops or model.config.max_loops
+    config = RunConfig()
+    config.model = dataclasses.replace(model.config, max_loops=max_loops or model.config.max_loops)
     device = next(model.parameters()).device
-    rows = rows.to(device)
-    rng = random.Random(seed)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    train = config.train
+    train.steps, train.lr, train.batch_size, train.weight_decay, train.grad_clip = steps, lr, batch_size, \
+        weight_decay, grad_clip
+    train.seed, train.warmup_steps, train.lr_schedule, train.ema_decay = seed, 0, "constant", 0.0
+    train.eval_every, train.ckpt_every, train.log_every, train.device = 0, 0, log_every, str(device)
+    source = RowSource(rows, batch_size, seed)
+    if anchor is not None:
+        anchor_source = RowSource(TensorRows(anchor.tokens, anchor.noisable), anchor.batch_size, seed + 1)
+        source = PairedSource(source, anchor_source, lambda main, extra: WinoPlusBatch(main.rows, extra))
+    objective = WinoPlusObjective(mask_id, weights, anchor.diffusion if anchor else None,
+                                  anchor.weight if anchor else 1.0)
     was_training = model.training
-    if early_stopping is not None:
-        early_stopping.check(model, 0)
-    noise = torch.Generator(device=device).manual_seed(seed)
     model.train()
-    history = []
-    for step in range(1, steps + 1):
-        index = torch.randint(len(rows), (batch_size,), generator=generator).to(device)
-        batch = rows.subset(index)
-        loops = rng.randint(1, max_loops) if model.config.core_layers else 1
-        log_probs = subs_log_probs(model(batch.inputs, loops=loops).logits, mask_id)
-        loss = wino_plus_loss(log_probs, batch, mask_id, weights)
-        total = loss.total
-        record = {}
-        if anchor is not None:
-            pick = torch.randint(anchor.tokens.shape[0], (anchor.batch_size,), generator=generator)
-            nelbo = anchor.diffusion.nelbo(lambda tokens: model(tokens, loops=loops).logits,
-                                           anchor.tokens[pick].to(device), generator=noise,
-                                           noisable=anchor.noisable[pick].to(device)).loss
-            total = total + anchor.weight * nelbo
-            record["nelbo"] = float(nelbo.detach())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        history.append({"loss": float(total.detach()), "ce": loss.ce, "entropy_min": loss.entropy_min,
-                        "entropy_max": loss.entropy_max, "loops": loops, "grad_norm": float(grad_norm), **record})
-        if early_stopping is not None and (step % early_stopping.every == 0 or step == steps):
-            if early_stopping.check(model, step):
-                break
-    if early_stopping is not None:
-        early_stopping.restore(model)
+    trainer = Trainer(config, model, objective, source, None, out_dir,
+                      callbacks=[early_stopping] if early_stopping is not None else ())
+    result = trainer.fit()
     model.train(was_training)
-    return history
+    return result.records
