@@ -43,37 +43,31 @@ def codd_folder(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ the calls (update these when the API moves)
-from loopdlm.sampling import SamplerSpec, prompt_canvas, sample  # noqa: E402
-from loopdlm.sampling.coupling import AnyOrderCoDDSelector, CoDDTransform, load_codd_layer  # noqa: E402
-from loopdlm.sampling.long_generation import sample_blocks  # noqa: E402
+from loopdlm.diffusion.masked import DiffusionConfig  # noqa: E402
+from loopdlm.sampling import SamplerConfig, build_decoder  # noqa: E402
+from loopdlm.sampling.long_generation import EosStop  # noqa: E402
 
 
-def _spec_and_coupling(case: dict, codd_folder):
+def _decoder(model, case: dict, codd_folder, block_size=None, context=None):
     case = dict(case)
     codd = case.pop("codd", None)
-    spec = SamplerSpec(temperature=1.0, **case)
-    if codd is None:
-        return spec, (), None
-    prior, layer = load_codd_layer(codd_folder, 23)
-    options = dict(temperature=codd["tau"], gamma=codd["gamma"], window=layer["window"], seed=0)
-    if codd.get("any_order"):
-        return spec, (), lambda inner: AnyOrderCoDDSelector(inner, prior, sampling_temperature=spec.temperature,
-                                                            top_p=spec.top_p, **options)
-    return spec, (CoDDTransform(prior, **options),), None
+    sampler = SamplerConfig.from_flags(temperature=1.0, **case)
+    if codd is not None:
+        sampler = sampler.with_flags(codd=str(codd_folder), codd_tau=codd["tau"], codd_gamma=codd["gamma"],
+                                     codd_any_order=codd.get("any_order", False))
+    return build_decoder(model, DiffusionConfig(block_size=block_size), sampler, MASK, context=context)
 
 
 def decode_plain(model, case: dict, codd_folder) -> tuple[list[list[int]], int]:
-    spec, transforms, wrap = _spec_and_coupling(case, codd_folder)
-    canvas = prompt_canvas([[5, 6, 7], [8], [9, 10]], 16, MASK, PAD)
-    result = sample(model, canvas, MASK, spec, torch.Generator().manual_seed(0), transforms=transforms,
-                    wrap_selector=wrap)
-    return result.tokens.tolist(), result.stats.forward_passes
+    result = _decoder(model, case, codd_folder).continue_prompts([[5, 6, 7], [8], [9, 10]], 13, PAD,
+                                                                   generator=torch.Generator().manual_seed(0))
+    return [[5, 6, 7] + result.sequences[0], [1, 1, 8] + result.sequences[1], [1, 9, 10] + result.sequences[2]], \
+        result.stats.forward_passes
 
 
 def decode_blocks(model, case: dict, codd_folder) -> tuple[list[list[int]], int]:
-    spec, transforms, _ = _spec_and_coupling(case, codd_folder)
-    result = sample_blocks(model, [[3], [4, 5, 6, 7, 8], [6]], MASK, EOS, spec, 12, block_size=4, context_window=8,
-                           generator=torch.Generator().manual_seed(0), transforms=transforms)
+    result = _decoder(model, case, codd_folder, block_size=4, context=8).continue_prompts(
+        [[3], [4, 5, 6, 7, 8], [6]], 12, PAD, stop=(EosStop(EOS),), generator=torch.Generator().manual_seed(0))
     return result.sequences, result.stats.forward_passes
 # ------------------------------------------------------------------------------------------------------------------
 
