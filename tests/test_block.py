@@ -282,8 +282,9 @@ def test_long_generation_equals_plain_cached_generation_within_the_context():
 
 def test_generation_longer_than_the_context_slides_the_cache_and_rebases_positions():
     model = make_model(vocab_size=VOCAB, core=(1, 3), max_loops=2)
-    result = generate_long(block_decoder(model, SamplerConfig.from_flags("topk", loops=2), context=12), [[3, 4, 5, 6, 7]],
-                           max_length=30, steps_per_block=2, generator=torch.Generator().manual_seed(0))
+    result = generate_long(block_decoder(model, SamplerConfig.from_flags("topk", loops=2), context=12),
+                           [[3, 4, 5, 6, 7]], max_length=30, steps_per_block=2,
+                           generator=torch.Generator().manual_seed(0))
     assert len(result.sequences[0]) == 30 and MASK not in result.sequences[0]
     canvas = torch.cat((clean_tokens(1, 24), torch.full((1, 4), MASK)), dim=1)
     denoiser = CachedBlockPredictor(model, MASK, FixedLoops(2), 4, CacheOptions(context_window=12))

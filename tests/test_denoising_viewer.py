@@ -85,7 +85,8 @@ def plain_decode(spec):
     return result, document, canvas
 
 
-@pytest.mark.parametrize("spec", [SamplerConfig.from_flags("topk", steps=5, loops=2), SamplerConfig.from_flags("ancestral", steps=6),
+@pytest.mark.parametrize("spec", [SamplerConfig.from_flags("topk", steps=5, loops=2),
+                                  SamplerConfig.from_flags("ancestral", steps=6),
                                   SamplerConfig.from_flags("threshold", threshold=0.2, block_length=4, loops=3)])
 def test_page_of_a_plain_sampler_equals_its_trace(spec):
     result, document, canvas = plain_decode(spec)
@@ -159,7 +160,8 @@ def test_special_text_cannot_close_the_data_tag():
             return "</script><b>x</b>"
 
     trace = DecodeTrace(torch.tensor([[4, MASK]]))
-    trace.steps = build_decoder(make_model(vocab_size=VOCAB), None, SamplerConfig.from_flags("topk", steps=1), MASK).fill(trace.initial, record_trace=True).trace.steps
+    decoder = build_decoder(make_model(vocab_size=VOCAB), None, SamplerConfig.from_flags("topk", steps=1), MASK)
+    trace.steps = decoder.fill(trace.initial, record_trace=True).trace.steps
     document = trace_document(trace, Nasty())
     html = viewer_html(document)
     assert html.count("</script>") == 2  # the data tag and the script tag

@@ -49,8 +49,8 @@ def test_adaptive_with_zero_epsilon_equals_fixed_s_max_exactly(model, tokens, pe
 @pytest.mark.parametrize("per_token", [False, True])
 def test_adaptive_zero_epsilon_sampling_matches_fixed_tokens_and_accounting(model, tokens, per_token):
     def run(policy: str):
-        spec = SamplerConfig.from_flags(sampler="threshold", threshold=0.5, temperature=1.0, loops=S_MAX, loop_policy=policy,
-                           loop_eps=0.0, per_token_exit=per_token, block_length=5)
+        spec = SamplerConfig.from_flags(sampler="threshold", threshold=0.5, temperature=1.0, loops=S_MAX,
+                                        loop_policy=policy, loop_eps=0.0, per_token_exit=per_token, block_length=5)
         return build_decoder(model, None, spec, MASK).fill(tokens, generator=torch.Generator().manual_seed(3))
 
     fixed, adaptive = run("fixed"), run("adaptive")
@@ -105,7 +105,8 @@ def test_scheduled_policy_drives_per_step_core_applications(model):
     # 8 masked slots, 4 fixed-schedule steps of 2 commits: progress 0, 1/4, 1/2, 3/4 -> S = 2, 8, 10, 8.
     canvas = torch.randint(1, 11, (2, 12))
     canvas[:, 4:] = MASK
-    spec = SamplerConfig.from_flags(sampler="topk", steps=4, temperature=0.0, loops=10, loop_policy="scheduled", min_loops=2)
+    spec = SamplerConfig.from_flags(sampler="topk", steps=4, temperature=0.0, loops=10, loop_policy="scheduled",
+                                    min_loops=2)
     result = build_decoder(model, None, spec, MASK).fill(canvas)
     assert result.stats.forward_passes == 4
     assert result.stats.core_applications.tolist() == [28.0, 28.0]

@@ -122,7 +122,8 @@ def model() -> LoopedTransformer:
     return net.eval()
 
 
-@pytest.mark.parametrize("spec", [SamplerConfig.from_flags(sampler="factor", factor=1.0, temperature=0.0, block_length=6),
+@pytest.mark.parametrize("spec", [SamplerConfig.from_flags(sampler="factor", factor=1.0, temperature=0.0,
+                                                           block_length=6),
                                   SamplerConfig.from_flags(sampler="factor", factor=0.05, temperature=1.0),
                                   SamplerConfig.from_flags(sampler="eb", eb_gamma=0.5, temperature=0.0, block_length=5),
                                   SamplerConfig.from_flags(sampler="eb", eb_gamma=0.0, temperature=1.0)])

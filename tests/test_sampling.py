@@ -46,7 +46,8 @@ def test_infilling_keeps_given_tokens_anywhere():
     model = make_model()
     canvas = torch.full((2, 12), MASK)
     canvas[:, 0], canvas[:, 5], canvas[:, 11] = 3, 4, 9
-    result = build_decoder(model, None, SamplerConfig.from_flags("topk", steps=4, loops=1), MASK).fill(canvas, torch.Generator().manual_seed(1))
+    decoder = build_decoder(model, None, SamplerConfig.from_flags("topk", steps=4, loops=1), MASK)
+    result = decoder.fill(canvas, torch.Generator().manual_seed(1))
     assert (result.tokens != MASK).all()
     assert torch.equal(result.tokens[canvas != MASK], canvas[canvas != MASK])
 
@@ -95,7 +96,8 @@ def test_sampler_never_emits_mask_even_when_model_prefers_it():
     with torch.no_grad():
         model.head.weight[MASK] += 100.0
     canvas = prompt_canvas([[5]], 8, MASK, PAD)
-    result = build_decoder(model, None, SamplerConfig.from_flags("ancestral", steps=4, loops=1), MASK).fill(canvas, torch.Generator())
+    decoder = build_decoder(model, None, SamplerConfig.from_flags("ancestral", steps=4, loops=1), MASK)
+    result = decoder.fill(canvas, torch.Generator())
     assert (result.tokens != MASK).all()
 
 

@@ -215,8 +215,8 @@ class CappedThreshold:
 def test_wino_without_verification_equals_capped_threshold_decoding(tau1, block, loops):
     net = perturbed_model(n_layers=3, core=(1, 2), max_loops=3) if loops else perturbed_model()
     x = canvas(length=40)
-    wino = generate(ShadowBlock(FullSequencePredictor(net, MASK, loops)), x, WinoSelector(tau1, tau2=0.0), MASK, block_length=block,
-                    temperature=0.0)
+    wino = generate(ShadowBlock(FullSequencePredictor(net, MASK, loops)), x, WinoSelector(tau1, tau2=0.0), MASK,
+                    block_length=block, temperature=0.0)
     plain = generate(FullSequencePredictor(net, MASK, loops), x, CappedThreshold(tau1), MASK, block_length=block,
                      temperature=0.0)
     assert torch.equal(wino.tokens, plain.tokens)
@@ -265,12 +265,12 @@ def reference_wino_row(net, row: torch.Tensor, block: int, tau1: float, tau2: fl
 @pytest.mark.parametrize("tau1,tau2,block", [(0.5, 0.9, 9), (0.3, 0.9, 0), (0.2, 0.6, 7)])
 def test_wino_matches_slot_by_slot_reference_and_batched_equals_row_by_row(model, tau1, tau2, block):
     x = canvas()
-    batched = generate(ShadowBlock(FullSequencePredictor(model, MASK)), x, WinoSelector(tau1, tau2), MASK, block_length=block,
-                       temperature=0.0)
+    batched = generate(ShadowBlock(FullSequencePredictor(model, MASK)), x, WinoSelector(tau1, tau2), MASK,
+                       block_length=block, temperature=0.0)
     assert batched.stats.remasked > 0  # verification is exercised
     for row in range(x.shape[0]):
-        alone = generate(ShadowBlock(FullSequencePredictor(model, MASK)), x[row:row + 1], WinoSelector(tau1, tau2), MASK,
-                         block_length=block, temperature=0.0)
+        alone = generate(ShadowBlock(FullSequencePredictor(model, MASK)), x[row:row + 1], WinoSelector(tau1, tau2),
+                         MASK, block_length=block, temperature=0.0)
         assert torch.equal(alone.tokens[0], batched.tokens[row])
         assert alone.stats.forward_passes == int(batched.stats.row_forward_passes[row])
         reference_tokens, reference_steps = reference_wino_row(model, x[row], block or x.shape[1], tau1, tau2)
@@ -283,8 +283,8 @@ def test_wino_matches_slot_by_slot_reference_and_batched_equals_row_by_row(model
 def test_every_wino_decode_fills_every_slot_within_one_step_per_slot(model, tau1, tau2, block, temperature):
     x = canvas(rows=3, length=30)
     x[2, 12] = 7  # fixed context inside the region is never re-masked
-    result = generate(ShadowBlock(FullSequencePredictor(model, MASK)), x, WinoSelector(tau1, tau2), MASK, block_length=block,
-                      temperature=temperature, generator=torch.Generator().manual_seed(5))
+    result = generate(ShadowBlock(FullSequencePredictor(model, MASK)), x, WinoSelector(tau1, tau2), MASK,
+                      block_length=block, temperature=temperature, generator=torch.Generator().manual_seed(5))
     assert not (result.tokens == MASK).any()
     assert result.tokens[2, 12] == 7 and torch.equal(result.tokens[:, :6], x[:, :6])
     windows = -(-24 // block) if block else 1
@@ -295,8 +295,8 @@ def test_wino_accounting_counts_one_forward_per_step_including_the_shadow():
     net = perturbed_model(n_layers=3, core=(1, 2), max_loops=3)
     x = canvas(rows=2)
     x[1, 6:10] = 3  # row 1 has fewer masks, so it idles at the end of the first window
-    result = generate(ShadowBlock(FullSequencePredictor(net, MASK, FixedLoops(3))), x, WinoSelector(0.5, 0.9), MASK, block_length=9,
-                      temperature=0.0)
+    result = generate(ShadowBlock(FullSequencePredictor(net, MASK, FixedLoops(3))), x, WinoSelector(0.5, 0.9), MASK,
+                      block_length=9, temperature=0.0)
     stats = result.stats
     assert stats.forward_passes == len(stats.committed_per_step)
     assert int(stats.row_forward_passes.max()) == stats.forward_passes
@@ -307,8 +307,8 @@ def test_wino_accounting_counts_one_forward_per_step_including_the_shadow():
 def test_sample_with_wino_spec_uses_the_shadow_denoiser(model):
     spec = SamplerConfig.from_flags(sampler="wino", tau1=0.2, tau2=0.6, temperature=0.0, block_length=7, loops=1)
     via_spec = build_decoder(model, None, spec, MASK).fill(canvas())
-    direct = generate(ShadowBlock(FullSequencePredictor(model, MASK)), canvas(), WinoSelector(0.2, 0.6), MASK, block_length=7,
-                      temperature=0.0)
+    direct = generate(ShadowBlock(FullSequencePredictor(model, MASK)), canvas(), WinoSelector(0.2, 0.6), MASK,
+                      block_length=7, temperature=0.0)
     assert torch.equal(via_spec.tokens, direct.tokens) and via_spec.stats.remasked == direct.stats.remasked > 0
     assert "wino" in SELECTORS
     selector = build_selector(SamplerConfig.from_flags(sampler="wino", wino_min_accept=2, wino_max_accept=4), 10)
@@ -504,8 +504,8 @@ def test_cached_wino_shadow_equals_uncached_block_causal_computation():
 def test_cached_wino_without_verification_equals_cached_capped_threshold():
     net = perturbed_model(n_layers=3, core=(1, 2), max_loops=2)
     x = block_canvas(length=28)
-    wino = generate(ShadowBlock(CachedBlockPredictor(net, MASK, FixedLoops(2), block_size=10)), x, WinoSelector(0.4, tau2=0.0), MASK,
-                    block_length=10, align_windows=True, temperature=0.0)
+    wino = generate(ShadowBlock(CachedBlockPredictor(net, MASK, FixedLoops(2), block_size=10)), x,
+                    WinoSelector(0.4, tau2=0.0), MASK, block_length=10, align_windows=True, temperature=0.0)
     plain = generate(CachedBlockPredictor(net, MASK, FixedLoops(2), block_size=10), x, CappedThreshold(0.4), MASK,
                      block_length=10, align_windows=True, temperature=0.0)
     assert torch.equal(wino.tokens, plain.tokens)
@@ -515,8 +515,8 @@ def test_cached_wino_without_verification_equals_cached_capped_threshold():
 def test_cached_wino_revokes_and_fills_every_block():
     net = perturbed_model(n_layers=3, core=(1, 2), max_loops=2)
     x = block_canvas(length=28)
-    result = generate(ShadowBlock(CachedBlockPredictor(net, MASK, FixedLoops(2), block_size=10)), x, WinoSelector(0.2, 0.9), MASK,
-                      block_length=10, align_windows=True, temperature=0.0)
+    result = generate(ShadowBlock(CachedBlockPredictor(net, MASK, FixedLoops(2), block_size=10)), x,
+                      WinoSelector(0.2, 0.9), MASK, block_length=10, align_windows=True, temperature=0.0)
     assert result.stats.remasked > 0 and not (result.tokens == MASK).any()
     assert torch.equal(result.tokens[:, :8], x[:, :8])
     assert result.stats.forward_passes == len(result.stats.committed_per_step) <= 20 + 3

@@ -167,7 +167,8 @@ def _write_side_files(args, record: dict, meta: dict, make_document, stats: dict
         write_json(args.out, record)
     if make_document is not None:
         meta.update(samples=record["samples"], stats=stats, sampler_summary=f"sampler {spec.sampler}, steps "
-                    f"{stats['steps']}, loops {loops} ({spec.loop.policy})" + (f", CoDD {meta['codd']}" if meta["codd"] else ""),
+                    f"{stats['steps']}, loops {loops} ({spec.loop.policy})"
+                    + (f", CoDD {meta['codd']}" if meta["codd"] else ""),
                     stats_summary=f"{stats['forward_passes']} forward passes, {stats['core_applications']:.1f} core "
                     f"applications per row, {stats['remasked']} re-masked")
         document = make_document(meta=meta)

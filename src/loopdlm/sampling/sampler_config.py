@@ -161,7 +161,7 @@ class SamplerConfig:
         return {name: getattr(*self.field_owner(path)) for name, path in self.FLAGS.items()}
 
     def field_owner(self, path: str) -> tuple[Any, str]:
-        """(the dataclass holding the dotted `path`, the field's name in it), e.g. 'wino.tau1' -> (self.wino, 'tau1')."""
+        """(the dataclass holding the dotted `path`, the field's name there): 'wino.tau1' -> (self.wino, 'tau1')."""
         *outer, field = path.split(".")
         owner = self
         for name in outer:
