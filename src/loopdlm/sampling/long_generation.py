@@ -123,6 +123,9 @@ def generate_long(decoder: Decoder, prompt_ids: list[list[int]], max_length: int
         steps_per_block: denoising steps per block (default L', i.e. about one token per forward pass).
         record_trace: keep every block's step-by-step trace (`Continuations.traces`).
     """
+    if decoder.block_size is None:
+        raise UserError("block-by-block generation needs a block-diffusion decoder (a diffusion block_size below "
+                        "the context)")
     if not prompt_ids:
         raise UserError("no prompts given")
     if max_length < 1:
