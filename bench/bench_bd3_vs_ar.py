@@ -32,7 +32,8 @@ from report import markdown_table, write_section  # noqa: E402
 
 from loopdlm.cli import main as cli_main  # noqa: E402
 from loopdlm.eval.genppl import LoopedJudge, generative_perplexity  # noqa: E402
-from loopdlm.sampling import SamplerSpec  # noqa: E402
+from loopdlm.diffusion.masked import DiffusionConfig  # noqa: E402
+from loopdlm.sampling import SamplerConfig, build_decoder  # noqa: E402
 from loopdlm.sampling.autoregressive import generate_autoregressive  # noqa: E402
 from loopdlm.sampling.long_generation import generate_long  # noqa: E402
 from loopdlm.train.trainer import METRICS_FILE  # noqa: E402
@@ -44,21 +45,21 @@ PLAIN = ["model.core_start=0", "model.core_end=0", "model.max_loops=1"]
 
 @dataclass
 class Decoder:
-    """One decoding setting: `model` is 'bd3' or 'ar'; BD3 settings are a SamplerSpec, AR ones use_cache."""
+    """One decoding setting: `model` is 'bd3' or 'ar'; BD3 settings are a SamplerConfig, AR ones use_cache."""
 
     name: str
     model: str
-    spec: SamplerSpec | None = None
+    spec: SamplerConfig | None = None
     use_cache: bool = True
 
 
 def decoders(thresholds: list[float], wino_tau1: list[float]) -> list[Decoder]:
     """AR with and without its cache, then BD3 top-k (one token per step), threshold and WINO settings."""
     found = [Decoder("AR, KV cache", "ar"), Decoder("AR, no cache", "ar", use_cache=False),
-             Decoder(f"BD3 top-k {BLOCK} steps/block", "bd3", SamplerSpec(sampler="topk"))]
-    found += [Decoder(f"BD3 threshold {tau}", "bd3", SamplerSpec(sampler="threshold", threshold=tau))
+             Decoder(f"BD3 top-k {BLOCK} steps/block", "bd3", SamplerConfig.from_flags(sampler="topk"))]
+    found += [Decoder(f"BD3 threshold {tau}", "bd3", SamplerConfig.from_flags(sampler="threshold", threshold=tau))
               for tau in thresholds]
-    found += [Decoder(f"BD3 WINO tau1={tau} tau2=0.9", "bd3", SamplerSpec(sampler="wino", tau1=tau, tau2=0.9))
+    found += [Decoder(f"BD3 WINO tau1={tau} tau2=0.9", "bd3", SamplerConfig.from_flags("wino", tau1=tau, tau2=0.9))
               for tau in wino_tau1]
     return found
 
@@ -89,9 +90,9 @@ def decode(decoder: Decoder, model, prompts: torch.Tensor, length: int, mask_id:
         result, seconds = timed(lambda: generate_autoregressive(model, prompts, length, generator=generator,
                                                                 use_cache=decoder.use_cache), prompts.device)
         return result.tokens[:, prompts.shape[1]:].tolist(), seconds, result.stats.forward_passes
-    result, seconds = timed(lambda: generate_long(model, prompts.tolist(), mask_id, BLOCK, decoder.spec,
-                                                  max_length=length, steps_per_block=BLOCK, generator=generator),
-                            prompts.device)
+    blocks = build_decoder(model, DiffusionConfig(block_size=BLOCK), decoder.spec, mask_id)
+    result, seconds = timed(lambda: generate_long(blocks, prompts.tolist(), max_length=length, steps_per_block=BLOCK,
+                                                  generator=generator), prompts.device)
     return result.sequences, seconds, result.stats.forward_passes
 
 

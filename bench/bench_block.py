@@ -7,8 +7,8 @@ Times are process CPU seconds (`time.process_time`, one thread by default), whic
 disturbs far less than wall time.
 
 1. Generation of --gen-tokens tokens with L' = 16 (top-k selector, 16 steps per block: about one forward pass per
-   token) by a 4-layer d=128 model, batch 1, through the shared loop with `CachedBlockDenoiser` and with
-   `UncachedBlockDenoiser` (recomputes prefix + block every step); same seed, tokens must be identical.
+   token) by a 4-layer d=128 model, batch 1, through the shared loop with `CachedBlockPredictor` and with
+   `UncachedBlockPredictor` (recomputes prefix + block every step); same seed, tokens must be identical.
 2. Training step (forward + backward + AdamW) of the BD3 objective ([x_t ; x_0], dense mask) vs MDLM on the same
    model and batch.
 3. reuse_last_loop: a looped model (core = layers 1-2, S ~ U{1..4}) is trained briefly with BD3 (L' = 16) on
@@ -36,7 +36,7 @@ from loopdlm.diffusion.block import BlockDiffusion, BlockNoise  # noqa: E402
 from loopdlm.diffusion.masked import MaskedDiffusion  # noqa: E402
 from loopdlm.models.transformer import LoopedTransformer, ModelConfig  # noqa: E402
 from loopdlm.sampling.engine import generate  # noqa: E402
-from loopdlm.sampling.kv_cache import CacheOptions, CachedBlockDenoiser, UncachedBlockDenoiser  # noqa: E402
+from loopdlm.sampling.kv_cache import CacheOptions, CachedBlockPredictor, UncachedBlockPredictor  # noqa: E402
 from loopdlm.sampling.loops import FixedLoops  # noqa: E402
 from loopdlm.sampling.selectors import FixedScheduleSelector  # noqa: E402
 
@@ -75,10 +75,10 @@ def generation_rows(length: int, vocab: int) -> list[list[object]]:
     rows = []
     for name, fields, loops in (("4L d128 plain", SMALL, 1), ("4L d128 core 1-2, S=4", LOOPED, 4)):
         model = make_model(vocab, fields).eval()
-        cached, cached_s, passes = timed_generation(model, CachedBlockDenoiser, length, loops)
-        flat = lambda *a: CachedBlockDenoiser(*a, cache_options=CacheOptions(reuse_last_loop=True))  # noqa: E731
+        cached, cached_s, passes = timed_generation(model, CachedBlockPredictor, length, loops)
+        flat = lambda *a: CachedBlockPredictor(*a, cache_options=CacheOptions(reuse_last_loop=True))  # noqa: E731
         reuse, reuse_s, _ = timed_generation(model, flat, length, loops)
-        uncached, uncached_s, _ = timed_generation(model, UncachedBlockDenoiser, length, loops)
+        uncached, uncached_s, _ = timed_generation(model, UncachedBlockPredictor, length, loops)
         same = "yes" if torch.equal(cached, uncached) else "NO"
         agree = float((reuse == cached)[:, BLOCK:].float().mean())
         rows.append([name, length, passes, f"{length / uncached_s:.0f}", f"{length / cached_s:.0f}",
@@ -155,7 +155,7 @@ def cached_nelbo(model: LoopedTransformer, x0: torch.Tensor, noise: BlockNoise, 
                  reuse_last_loop: bool) -> tuple[float, int]:
     """Block NELBO (nats/token) computed the way sampling reads the model: each noisy block against the cached clean
     prefix. Returns (NELBO, cache bytes after the last block)."""
-    denoiser = CachedBlockDenoiser(model, mask_id, FixedLoops(loops), BLOCK,
+    denoiser = CachedBlockPredictor(model, mask_id, FixedLoops(loops), BLOCK,
                                    CacheOptions(reuse_last_loop=reuse_last_loop))
     total = torch.zeros(())
     for start in range(0, x0.shape[1], BLOCK):

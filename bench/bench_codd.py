@@ -36,7 +36,7 @@ from loopdlm.diffusion.masked import MaskedDiffusion
 from loopdlm.diffusion.schedules import LogLinear
 from loopdlm.models import LoopedTransformer, ModelConfig
 from loopdlm.sampling.coupling import AnyOrderCoDDSelector, CoDDTransform
-from loopdlm.sampling.denoisers import ModelDenoiser
+from loopdlm.sampling.predictors import FullSequencePredictor
 from loopdlm.sampling.engine import generate
 from loopdlm.sampling.loops import FixedLoops
 from loopdlm.sampling.selectors import FixedScheduleSelector
@@ -131,7 +131,7 @@ def run_sampler(model, task: Task, steps: int, mode: str, prior=None) -> tuple[t
             selector = AnyOrderCoDDSelector(selector, prior, tau, GAMMA, WINDOW, sampling_temperature=task.temperature)
         else:
             transforms = (CoDDTransform(prior, tau, GAMMA, WINDOW),)
-    denoiser = ModelDenoiser(model, MASK, FixedLoops(LOOPS))
+    denoiser = FullSequencePredictor(model, MASK, FixedLoops(LOOPS))
     result = generate(denoiser, task.canvas, selector, MASK, temperature=task.temperature, transforms=transforms,
                       generator=torch.Generator().manual_seed(0))
     return result.tokens, result.stats.wall_time

@@ -26,7 +26,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from loopdlm.data.task_source import answer_canvas, encode_task, task_examples  
 from loopdlm.data.task_spec import get_task  # noqa: E402
 from loopdlm.data.tasks import Example, Task, decode_answers  # noqa: E402
 from loopdlm.models.transformer import LoopedTransformer  # noqa: E402
-from loopdlm.sampling import SamplerSpec, sample  # noqa: E402
+from loopdlm.sampling import SamplerConfig, build_decoder  # noqa: E402
 from loopdlm.workflow import load_pretrained, resolve_device  # noqa: E402
 
 DEFAULT_PLOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "decoding_frontier.png"
@@ -95,18 +95,19 @@ def paired_difference(a: Measurement, b: Measurement) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def measure(model: LoopedTransformer, tokenizer, task: Task, examples: list[Example], spec: SamplerSpec,
+def measure(model: LoopedTransformer, tokenizer, task: Task, examples: list[Example], spec: SamplerConfig,
             family: str, label: str, loops: str, batch_size: int = 64, seed: int = 0) -> Measurement:
     """Decode `examples` with `spec` in batches of `batch_size` and verify every answer (see `Measurement`)."""
     device = next(model.parameters()).device
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
+    decoder = build_decoder(model, None, spec, tokenizer.mask_id)
     correct: list[bool] = []
     nfe = core = remasked = wall = 0.0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         rows = encode_task(task, chunk, tokenizer)
-        result = sample(model, answer_canvas(rows, tokenizer.mask_id).to(device), tokenizer.mask_id, spec, generator)
+        result = decoder.fill(answer_canvas(rows, tokenizer.mask_id).to(device), generator)
         answers = decode_answers(result.tokens.cpu(), tokenizer, rows.prompt_len)
         correct += [task.verify(e.prompt, a) for e, a in zip(chunk, answers)]
         nfe += float(result.stats.row_forward_passes.sum())
@@ -117,24 +118,25 @@ def measure(model: LoopedTransformer, tokenizer, task: Task, examples: list[Exam
     return Measurement(family, label, loops, correct, nfe / n, core / n, remasked / n, wall)
 
 
-def sampler_grid(answer_length: int, block_length: int) -> list[tuple[str, str, SamplerSpec]]:
+def sampler_grid(answer_length: int, block_length: int) -> list[tuple[str, str, SamplerConfig]]:
     """(family, label, spec): one curve per sampler family, each swept over its speed knob."""
-    base = SamplerSpec(temperature=0.0, block_length=block_length)
-    grid = [("fixed schedule", f"topk steps={steps}", replace(base, sampler="topk", steps=steps))
+    base = SamplerConfig.from_flags(temperature=0.0, block_length=block_length)
+    grid = [("fixed schedule", f"topk steps={steps}", base.with_flags(sampler="topk", steps=steps))
             for steps in sorted({answer_length, max(1, answer_length // 2), max(1, answer_length // 4)},
                                 reverse=True)]
-    grid += [("threshold", f"threshold tau={tau}", replace(base, sampler="threshold", threshold=tau))
+    grid += [("threshold", f"threshold tau={tau}", base.with_flags(sampler="threshold", threshold=tau))
              for tau in (0.99, 0.95, 0.9, 0.8, 0.7, 0.5)]
-    grid += [("factor", f"factor f={f}", replace(base, sampler="factor", factor=f)) for f in (0.1, 0.25, 0.5, 1.0, 2.0)]
-    grid += [("EB", f"eb gamma={gamma}", replace(base, sampler="eb", eb_gamma=gamma))
+    grid += [("factor", f"factor f={f}", base.with_flags(sampler="factor", factor=f))
+             for f in (0.1, 0.25, 0.5, 1.0, 2.0)]
+    grid += [("EB", f"eb gamma={gamma}", base.with_flags(sampler="eb", eb_gamma=gamma))
              for gamma in (0.001, 0.01, 0.1, 0.5, 1.0)]
-    grid += [("WINO", f"wino tau1={tau1} tau2=0.9", replace(base, sampler="wino", tau1=tau1, tau2=0.9))
+    grid += [("WINO", f"wino tau1={tau1} tau2=0.9", base.with_flags(sampler="wino", tau1=tau1, tau2=0.9))
              for tau1 in (0.9, 0.8, 0.7, 0.6, 0.5)]
     return grid
 
 
 def loop_grid(max_loops: int) -> list[tuple[str, dict]]:
-    """(label, SamplerSpec overrides): fixed S_max, adaptive per-sequence exits over eps, one per-token exit, and
+    """(label, sampler flag overrides): fixed S_max, adaptive per-sequence exits over eps, one per-token exit, and
     fixed S below S_max (is adaptive depth better than simply fewer loops?)."""
     grid = [(f"fixed S={max_loops}", dict(loops=max_loops, loop_policy="fixed"))]
     grid += [(f"adaptive S<={max_loops} eps={eps}", dict(loops=max_loops, loop_policy="adaptive", loop_eps=eps))
@@ -253,16 +255,16 @@ def measure_all(model: LoopedTransformer, tokenizer, task: Task, examples: list[
                             for k, (low, median, high) in enumerate(changes, start=1))
     print("relative hidden-state change per loop, median (10th-90th percentile):", change_text)
 
-    def run(family: str, label: str, loops: str, spec: SamplerSpec) -> Measurement:
+    def run(family: str, label: str, loops: str, spec: SamplerConfig) -> Measurement:
         m = measure(model, tokenizer, task, examples, spec, family, label, loops, args.batch_size, args.seed)
         print(" | ".join(m.row()), flush=True)
         return m
 
-    frontier = [run(family, label, f"fixed S={max_loops}", replace(spec, loops=max_loops, loop_policy="fixed"))
+    frontier = [run(family, label, f"fixed S={max_loops}", spec.with_flags(loops=max_loops, loop_policy="fixed"))
                 for family, label, spec in grid]
     by_label = {m.label: m for m in frontier}
     loop_runs = {label: [by_label[label]] + [run(by_label[label].family, label, loop_label,
-                                                 replace(specs[label], **fields))
+                                                 specs[label].with_flags(**fields))
                                              for loop_label, fields in loop_grid(max_loops)[1:]]
                  for label in loop_labels}
     return frontier, loop_runs, change_text

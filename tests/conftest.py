@@ -28,3 +28,12 @@ def make_model(vocab_size: int = 23, n_layers: int = 4, d_model: int = 32, n_hea
 @pytest.fixture
 def tiny_model() -> LoopedTransformer:
     return make_model()
+
+
+def with_codd_prior(sampler, prior, folder, window: int, **flags):
+    """`sampler` coupled through `prior`, saved as a CoDD layer in `folder` (windows of `window`) as
+    `loopdlm train-codd` saves one; `flags` set the other CoDD settings by their flag names (codd_tau, ...)."""
+    from loopdlm.sampling.coupling import save_codd_layer
+
+    save_codd_layer(prior, folder, window=window, tokenizer_fingerprint=None)
+    return sampler.with_flags(codd=str(folder), **flags)

@@ -12,15 +12,20 @@ from loopdlm.diffusion.block import (BlockDiffusion, block_causal_mask, build_bl
 from loopdlm.diffusion.masked import DiffusionConfig, MaskedDiffusion
 from loopdlm.diffusion.schedules import LogLinear
 from loopdlm.errors import UserError
-from loopdlm.sampling import SamplerSpec
+from loopdlm.sampling import SamplerConfig, build_decoder
 from loopdlm.sampling.engine import generate
-from loopdlm.sampling.kv_cache import CacheOptions, CachedBlockDenoiser, UncachedBlockDenoiser
-from loopdlm.sampling.long_generation import (EosStop, LowEntropyStop, RepetitionStop, block_prompt_canvas,
-                                              generate_long)
+from loopdlm.sampling.kv_cache import CacheOptions, CachedBlockPredictor, UncachedBlockPredictor
+from loopdlm.sampling.canvas import block_prompt_canvas
+from loopdlm.sampling.long_generation import EosStop, LowEntropyStop, RepetitionStop, generate_long
 from loopdlm.sampling.loops import FixedLoops
 from loopdlm.sampling.selectors import AncestralSelector, FixedScheduleSelector, ThresholdSelector
 
 MASK, VOCAB = 0, 23
+
+
+def block_decoder(model, sampler, context=None):
+    """A block-diffusion decoder with blocks of 4."""
+    return build_decoder(model, DiffusionConfig(block_size=4), sampler, MASK, context=context)
 
 
 
@@ -205,9 +210,9 @@ def test_cached_and_uncached_sampling_give_identical_tokens(core, loops, name):
     canvas = torch.cat((prompt, torch.full((2, 14), MASK)), dim=1)
     padding = torch.cat((padding, torch.zeros(2, 14, dtype=torch.bool)), dim=1)
     results = []
-    for make in (CachedBlockDenoiser, UncachedBlockDenoiser):
+    for make in (CachedBlockPredictor, UncachedBlockPredictor):
         denoiser = make(model, MASK, FixedLoops(loops), 4, padding=padding)
-        first = denoiser(canvas, slice(8, 12), 0.0) if make is UncachedBlockDenoiser else None
+        first = denoiser(canvas, slice(8, 12), 0.0) if make is UncachedBlockPredictor else None
         results.append(generate(denoiser, canvas, SELECTORS[name](), MASK, block_length=4, align_windows=True,
                                 generator=torch.Generator().manual_seed(0)))
     cached, uncached = results
@@ -223,14 +228,14 @@ def test_cached_log_probs_match_recomputation_and_ignore_padding():
     canvas[:, 8:] = MASK
     padding = torch.zeros(2, 12, dtype=torch.bool)
     padding[0, :3] = True
-    cached = CachedBlockDenoiser(model, MASK, FixedLoops(2), 4, padding=padding)
+    cached = CachedBlockPredictor(model, MASK, FixedLoops(2), 4, padding=padding)
     cached.begin_window(canvas, slice(8, 12))
     got = cached(canvas, slice(8, 12), 0.0).log_probs
-    want = UncachedBlockDenoiser(model, MASK, FixedLoops(2), 4, padding=padding)(canvas, slice(8, 12), 0.0).log_probs
+    want = UncachedBlockPredictor(model, MASK, FixedLoops(2), 4, padding=padding)(canvas, slice(8, 12), 0.0).log_probs
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     other_pad = canvas.clone()
     other_pad[0, :3] = (canvas[0, :3] + 5) % (VOCAB - 1) + 1
-    fresh = CachedBlockDenoiser(model, MASK, FixedLoops(2), 4, padding=padding)
+    fresh = CachedBlockPredictor(model, MASK, FixedLoops(2), 4, padding=padding)
     fresh.begin_window(other_pad, slice(8, 12))
     torch.testing.assert_close(fresh(other_pad, slice(8, 12), 0.0).log_probs[0], got[0], atol=1e-5, rtol=0)
 
@@ -240,7 +245,7 @@ def test_reuse_last_loop_stores_core_keys_once():
     canvas = torch.cat((clean_tokens(1, 8), torch.full((1, 4), MASK)), dim=1)
     sizes = {}
     for reuse in (False, True):
-        denoiser = CachedBlockDenoiser(model, MASK, FixedLoops(3), 4, CacheOptions(reuse_last_loop=reuse))
+        denoiser = CachedBlockPredictor(model, MASK, FixedLoops(3), 4, CacheOptions(reuse_last_loop=reuse))
         denoiser.begin_window(canvas, slice(8, 12))
         sizes[reuse] = (len(denoiser.cache), denoiser.cache.nbytes)
         assert denoiser.cache[(1, 2)][0].shape[2] == 8
@@ -251,10 +256,10 @@ def test_reuse_last_loop_stores_core_keys_once():
 def test_windows_must_be_aligned_blocks():
     model = make_model(vocab_size=VOCAB)
     canvas = torch.cat((clean_tokens(1, 6), torch.full((1, 6), MASK)), dim=1)
-    denoiser = CachedBlockDenoiser(model, MASK, block_size=4)
+    denoiser = CachedBlockPredictor(model, MASK, block_size=4)
     with pytest.raises(UserError):
         generate(denoiser, canvas, FixedScheduleSelector(2), MASK, block_length=4)
-    result = generate(CachedBlockDenoiser(model, MASK, block_size=4), canvas, FixedScheduleSelector(2), MASK,
+    result = generate(CachedBlockPredictor(model, MASK, block_size=4), canvas, FixedScheduleSelector(2), MASK,
                       block_length=4, align_windows=True)
     assert torch.equal(result.tokens[:, :6], canvas[:, :6]) and (result.tokens != MASK).all()
 
@@ -262,11 +267,11 @@ def test_windows_must_be_aligned_blocks():
 def test_long_generation_equals_plain_cached_generation_within_the_context():
     model = make_model(vocab_size=VOCAB)
     prompts = [[3, 4, 5], [6, 7, 8, 9, 10]]
-    long = generate_long(model, prompts, MASK, 4, SamplerSpec("topk", loops=2), max_length=12, steps_per_block=2,
-                         generator=torch.Generator().manual_seed(0))
+    long = generate_long(block_decoder(model, SamplerConfig.from_flags("topk", loops=2)), prompts, max_length=12,
+                         steps_per_block=2, generator=torch.Generator().manual_seed(0))
     prompt, padding = block_prompt_canvas(prompts, 4, filler=1)
     canvas = torch.cat((prompt, torch.full((2, 12), MASK)), dim=1)
-    denoiser = CachedBlockDenoiser(model, MASK, FixedLoops(2), 4,
+    denoiser = CachedBlockPredictor(model, MASK, FixedLoops(2), 4,
                                    padding=torch.cat((padding, torch.zeros(2, 12, dtype=torch.bool)), dim=1))
     plain = generate(denoiser, canvas, FixedScheduleSelector(2), MASK, block_length=4, align_windows=True,
                      generator=torch.Generator().manual_seed(0))
@@ -277,11 +282,12 @@ def test_long_generation_equals_plain_cached_generation_within_the_context():
 
 def test_generation_longer_than_the_context_slides_the_cache_and_rebases_positions():
     model = make_model(vocab_size=VOCAB, core=(1, 3), max_loops=2)
-    result = generate_long(model, [[3, 4, 5, 6, 7]], MASK, 4, SamplerSpec("topk", loops=2), max_length=30,
-                           context_window=12, steps_per_block=2, generator=torch.Generator().manual_seed(0))
+    result = generate_long(block_decoder(model, SamplerConfig.from_flags("topk", loops=2), context=12),
+                           [[3, 4, 5, 6, 7]], max_length=30, steps_per_block=2,
+                           generator=torch.Generator().manual_seed(0))
     assert len(result.sequences[0]) == 30 and MASK not in result.sequences[0]
     canvas = torch.cat((clean_tokens(1, 24), torch.full((1, 4), MASK)), dim=1)
-    denoiser = CachedBlockDenoiser(model, MASK, FixedLoops(2), 4, CacheOptions(context_window=12))
+    denoiser = CachedBlockPredictor(model, MASK, FixedLoops(2), 4, CacheOptions(context_window=12))
     denoiser.begin_window(canvas, slice(24, 28))
     assert denoiser.cache.length == 8 and denoiser.offset == 16
     assert denoiser.cache.positions.tolist() == [list(range(8))]
@@ -305,7 +311,7 @@ class StopAt:
 
 def test_stop_criteria_end_rows_independently_and_stopped_rows_are_not_generated():
     model = make_model(vocab_size=VOCAB)
-    result = generate_long(model, [[3], [4, 5], [6]], MASK, 4, SamplerSpec("topk"), max_length=20,
+    result = generate_long(block_decoder(model, SamplerConfig.from_flags("topk")), [[3], [4, 5], [6]], max_length=20,
                            stop=(StopAt([6, 100, 13]),), steps_per_block=2, generator=torch.Generator().manual_seed(0))
     assert [len(s) for s in result.sequences] == [6, 20, 13]
     assert result.stop_reasons == ["limit", "max_length", "limit"]

@@ -9,7 +9,7 @@ import pytest
 from loopdlm.cli import build_parser, main
 from loopdlm.config import RunConfig, load_config
 from loopdlm.errors import UserError
-from loopdlm.sampling import SamplerSpec
+from loopdlm.sampling import SamplerConfig
 from loopdlm.settings import HELP
 
 
@@ -32,10 +32,15 @@ def test_every_config_field_has_a_documented_default():
 def test_config_list_prints_every_key_with_its_default(capsys):
     assert main(["config", "--list"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
-    defaults = RunConfig()
-    for section in dataclasses.fields(RunConfig):
-        for spec in dataclasses.fields(getattr(defaults, section.name)):
-            assert f"{section.name}.{spec.name}" in lines
+    def keys(prefix, values):  # nested groups (sample.wino, ...) are listed key by key
+        for spec in dataclasses.fields(values):
+            value = getattr(values, spec.name)
+            yield from keys(f"{prefix}.{spec.name}", value) if dataclasses.is_dataclass(value) else [
+                f"{prefix}.{spec.name}"]
+
+    for key in keys("run", RunConfig()):
+        assert key.removeprefix("run.") in lines
+    assert lines["sample.wino.tau1"].split()[1:3] == ["float", "0.6"]
     assert lines["train.beta1"].split()[1:3] == ["float", "0.9"] and "[in [0, 1)]" in lines["train.beta1"]
     assert main(["config", "--show", "tiny-cpu", "train.steps=7"]) == 0
     assert "steps: 7" in capsys.readouterr().out
@@ -124,9 +129,9 @@ def test_other_commands_refuse_out_of_range_numbers(command, capsys, tmp_path):
 
 def test_sampler_spec_from_an_old_checkpoint_config_is_validated():
     with pytest.raises(UserError, match="sample.top_p must be in"):
-        SamplerSpec(top_p=0.0).validate("sample.")
-    with pytest.raises(UserError, match="wino_min_accept"):
-        SamplerSpec(wino_min_accept=30).validate()
+        SamplerConfig.from_flags(top_p=0.0).validate("sample.")
+    with pytest.raises(UserError, match="wino.min_accept"):
+        RunConfig.from_dict({"sample": {"wino_min_accept": 30}}).validate()
 
 
 def test_help_shows_every_default():

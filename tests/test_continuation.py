@@ -10,11 +10,11 @@ import torch
 from conftest import make_model
 from loopdlm.data.tokenizers import CharTokenizer
 from loopdlm.diffusion.block import block_causal_mask
-from loopdlm.diffusion.masked import subs_log_probs
+from loopdlm.diffusion.masked import DiffusionConfig, subs_log_probs
 from loopdlm.errors import UserError
 from loopdlm.eval.continuation import ContinuationScorer
 from loopdlm.eval.generation import cut_at_stop_strings, generate_continuations
-from loopdlm.sampling import SamplerSpec
+from loopdlm.sampling import SamplerConfig, build_decoder
 
 MASK = 0
 PROMPT, CONTINUATION = [5, 9, 4], [7, 3, 11, 6]
@@ -125,14 +125,16 @@ def test_rolling_sums_disjoint_context_windows_and_long_prompts_are_cut_from_the
 def test_block_generation_stops_rows_at_stop_strings_and_mdlm_fills_its_canvas():
     tokenizer = CharTokenizer.from_text("abcdefgh .")
     model = make_model(vocab_size=tokenizer.vocab_size, seed=3)
-    spec = SamplerSpec(sampler="topk", steps=8, temperature=0.0, loops=2)
+    spec = SamplerConfig.from_flags(sampler="topk", steps=8, temperature=0.0, loops=2)
     prompts = [tokenizer.encode("abc"), tokenizer.encode("h")]
-    free = generate_continuations(model, tokenizer, prompts, spec, 8, context=8, block_size=2)
+    blocks = build_decoder(model, DiffusionConfig(block_size=2), spec, tokenizer.mask_id, context=8)
+    free = generate_continuations(blocks, tokenizer, prompts, 8)
     first = tokenizer.decode(free.sequences[0][:1])
-    stopped = generate_continuations(model, tokenizer, prompts, spec, 8, context=8, block_size=2, stop=[first])
+    stopped = generate_continuations(blocks, tokenizer, prompts, 8, stop=[first])
     assert stopped.sequences[0] == free.sequences[0][:2]  # stopped after the block that holds the stop string
     assert stopped.stats.row_forward_passes[0] < free.stats.row_forward_passes[0]
     assert cut_at_stop_strings(tokenizer.decode(stopped.sequences[0]), [first]) == ""
-    canvas = generate_continuations(model, tokenizer, prompts, spec, 20, context=8)
+    canvas = generate_continuations(build_decoder(model, None, spec, tokenizer.mask_id, context=8), tokenizer, prompts,
+                                    20)
     assert all(len(s) <= 8 - 3 for s in canvas.sequences)  # MDLM stays inside the context beside the prompt
     assert tokenizer.eos_id not in sum(canvas.sequences, [])

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import make_model, with_codd_prior
 from loopdlm.commands import train_codd
 from loopdlm.config import RunConfig
 from loopdlm.data.task_source import task_tokenizer
@@ -15,7 +15,7 @@ from loopdlm.diffusion.masked import MaskedDiffusion
 from loopdlm.diffusion.schedules import LogLinear
 from loopdlm.errors import UserError
 from loopdlm.models import ModelConfig
-from loopdlm.sampling import SamplerSpec, prompt_canvas, sample
+from loopdlm.sampling import SamplerConfig, build_decoder, prompt_canvas
 from loopdlm.sampling.codd import HMMPrior
 from loopdlm.sampling.coupling import (
     AnyOrderCoDDSelector,
@@ -24,7 +24,7 @@ from loopdlm.sampling.coupling import (
     save_codd_layer,
     window_chunks,
 )
-from loopdlm.sampling.engine import DenoiserOutputs, StepContext, generate, gumbel_candidates
+from loopdlm.sampling.engine import WindowPrediction, StepContext, generate, gumbel_candidates
 from loopdlm.sampling.selectors import FixedScheduleSelector, ThresholdSelector
 from loopdlm.train.checkpoint import save_checkpoint
 from loopdlm.train.codd_training import (
@@ -68,7 +68,7 @@ class OracleDenoiser:
     """The pair task's exact denoiser as an engine Denoiser."""
 
     def __call__(self, tokens, window, progress):
-        return DenoiserOutputs(oracle_log_probs(tokens)[:, window], torch.ones(tokens.shape[0]))
+        return WindowPrediction(oracle_log_probs(tokens)[:, window], torch.ones(tokens.shape[0]))
 
     def begin_window(self, tokens, window):
         pass
@@ -118,16 +118,18 @@ def trained_pair_prior() -> HMMPrior:
 @pytest.mark.parametrize("sampler,block_length", [("topk", 0), ("threshold", 0), ("ancestral", 4), ("topk", 4)])
 @pytest.mark.parametrize("temperature,combine_with_sharpened", [(1.0, True), (0.1, False)])
 def test_one_state_uniform_prior_reproduces_the_factorised_sampler_token_for_token(sampler, block_length,
-                                                                                   temperature, combine_with_sharpened):
+                                                                                   temperature, combine_with_sharpened,
+                                                                                   tmp_path):
     """tau >= 1 does not sharpen, and combine_with_sharpened=False couples the unsharpened q: either way a prior
     that carries no information leaves the sampler exactly as it was."""
     model = make_model()
     canvas = prompt_canvas([[5, 6, 7], [8], [9, 10]], 16, MASK, PAD)
-    spec = SamplerSpec(sampler=sampler, steps=6, block_length=block_length, loops=2, threshold=0.2)
-    plain = sample(model, canvas, MASK, spec, torch.Generator().manual_seed(3))
-    transform = CoDDTransform(uniform_one_state_prior(model.config.vocab_size), temperature=temperature, gamma=1.5,
-                              combine_with_sharpened=combine_with_sharpened)
-    coupled = sample(model, canvas, MASK, spec, torch.Generator().manual_seed(3), transforms=(transform,))
+    spec = SamplerConfig.from_flags(sampler=sampler, steps=6, block_length=block_length, loops=2, threshold=0.2)
+    plain = build_decoder(model, None, spec, MASK).fill(canvas, torch.Generator().manual_seed(3))
+    coupled_spec = with_codd_prior(spec, uniform_one_state_prior(model.config.vocab_size), tmp_path, window=16,
+                                   codd_tau=temperature, codd_gamma=1.5)
+    coupled_spec.codd.combine_with_sharpened = combine_with_sharpened
+    coupled = build_decoder(model, None, coupled_spec, MASK).fill(canvas, torch.Generator().manual_seed(3))
     assert torch.equal(coupled.tokens, plain.tokens)
     assert coupled.stats.committed_per_step == plain.stats.committed_per_step
 
@@ -154,7 +156,7 @@ def test_any_order_selector_with_uniform_prior_commits_the_inner_selectors_slots
     def context():
         return StepContext(tokens=tokens, log_probs=log_probs, candidates=candidates.clone(), confidence=confidence,
                            selectable=selectable, editable=selectable, step=0,
-                           window_masked_at_start=selectable.sum(1), generator=None, extras={})
+                           window_masked_at_start=selectable.sum(1), generator=None)
 
     inner = FixedScheduleSelector(3)
     inner.start_window(selectable.sum(1))
@@ -340,8 +342,9 @@ def test_train_codd_command_saves_a_layer_that_loads_beside_the_checkpoint(tiny_
     assert (config["n_states"], config["window"], config["vocab_size"]) == (3, 8, tokenizer.vocab_size)
     assert config["tokenizer_fingerprint"] == tokenizer.fingerprint() and config["loops"] == 2
     canvas = prompt_canvas([tokenizer.encode("ab")], 12, tokenizer.mask_id, tokenizer.pad_id)
-    transform = CoDDTransform(prior, gamma=1.5, window=config["window"])
-    result = sample(loaded.model, canvas, tokenizer.mask_id, SamplerSpec("topk", steps=3), transforms=(transform,))
+    sampler = SamplerConfig.from_flags("topk", steps=3, codd=str(out), codd_gamma=1.5)
+    result = build_decoder(loaded.model, None, sampler, tokenizer.mask_id,
+                           tokenizer_fingerprint=tokenizer.fingerprint()).fill(canvas)
     assert (result.tokens != tokenizer.mask_id).all()
 
 

@@ -7,11 +7,11 @@ import re
 import pytest
 import torch
 
-from conftest import make_model
-from loopdlm.eval.denoising_viewer import block_trace_document, embedded_document, trace_document, viewer_html
-from loopdlm.sampling import SamplerSpec, prompt_canvas, sample
+from conftest import make_model, with_codd_prior
+from loopdlm.diffusion.masked import DiffusionConfig
+from loopdlm.eval.denoising_viewer import continuation_document, embedded_document, trace_document, viewer_html
+from loopdlm.sampling import SamplerConfig, build_decoder, prompt_canvas
 from loopdlm.sampling.codd import HMMPrior
-from loopdlm.sampling.coupling import AnyOrderCoDDSelector, CoDDTransform
 from loopdlm.sampling.engine import DecodeTrace
 from loopdlm.sampling.long_generation import generate_long
 
@@ -77,16 +77,17 @@ def assert_page_equals_trace(document, blocks):
     assert index == len(document["steps"])
 
 
-def plain_decode(spec, **kwargs):
+def plain_decode(spec):
     model = make_model(vocab_size=VOCAB)
     canvas = prompt_canvas([[5, 6, 7], [8]], 16, MASK, PAD)
-    result = sample(model, canvas, MASK, spec, torch.Generator().manual_seed(0), record_trace=True, **kwargs)
+    result = build_decoder(model, None, spec, MASK).fill(canvas, torch.Generator().manual_seed(0), record_trace=True)
     document = page_document(trace_document(result.trace, PieceTokenizer(), canvas == PAD, {"title": "t"}))
     return result, document, canvas
 
 
-@pytest.mark.parametrize("spec", [SamplerSpec("topk", steps=5, loops=2), SamplerSpec("ancestral", steps=6),
-                                  SamplerSpec("threshold", threshold=0.2, block_length=4, loops=3)])
+@pytest.mark.parametrize("spec", [SamplerConfig.from_flags("topk", steps=5, loops=2),
+                                  SamplerConfig.from_flags("ancestral", steps=6),
+                                  SamplerConfig.from_flags("threshold", threshold=0.2, block_length=4, loops=3)])
 def test_page_of_a_plain_sampler_equals_its_trace(spec):
     result, document, canvas = plain_decode(spec)
     assert document["rows"][1][:2] == [None, None] and document["rows"][0][:3] == [5, 6, 7]  # padding hidden
@@ -99,7 +100,7 @@ def test_page_of_a_plain_sampler_equals_its_trace(spec):
 
 
 def test_page_of_wino_marks_its_re_masks():
-    spec = SamplerSpec("wino", steps=16, loops=2, tau1=0.05, tau2=0.99, wino_min_accept=2, temperature=1.0)
+    spec = SamplerConfig.from_flags("wino", steps=16, loops=2, tau1=0.05, tau2=0.99, wino_min_accept=2, temperature=1.0)
     result, document, _ = plain_decode(spec)
     assert result.stats.remasked > 0
     assert_page_equals_trace(document, [([0, 1], result.trace)])
@@ -115,14 +116,10 @@ def one_state_prior():
 
 
 @pytest.mark.parametrize("any_order", [False, True])
-def test_page_of_codd_sampling_equals_its_trace(any_order):
-    spec = SamplerSpec("topk", steps=4, loops=2)
-    prior = one_state_prior()
-    if any_order:
-        options = dict(wrap_selector=lambda inner: AnyOrderCoDDSelector(inner, prior, gamma=1.5))
-    else:
-        options = dict(transforms=(CoDDTransform(prior, gamma=1.5),))
-    result, document, _ = plain_decode(spec, **options)
+def test_page_of_codd_sampling_equals_its_trace(any_order, tmp_path):
+    spec = with_codd_prior(SamplerConfig.from_flags("topk", steps=4, loops=2), one_state_prior(), tmp_path, window=16,
+                           codd_gamma=1.5, codd_any_order=any_order)
+    result, document, _ = plain_decode(spec)
     assert_page_equals_trace(document, [([0, 1], result.trace)])
 
 
@@ -140,11 +137,13 @@ class StopAt:
 
 def test_page_of_block_diffusion_shows_blocks_in_order_and_drops_stopped_rows():
     model = make_model(vocab_size=VOCAB)
-    result = generate_long(model, [[3], [4, 5, 6, 7, 8], [6]], MASK, 4, SamplerSpec("wino", tau1=0.3, loops=2),
-                           max_length=12, stop=(StopAt([4, 100, 8]),), steps_per_block=2,
+    decoder = build_decoder(model, DiffusionConfig(block_size=4), SamplerConfig.from_flags("wino", tau1=0.3, loops=2),
+                            MASK)
+    result = generate_long(decoder, [[3], [4, 5, 6, 7, 8], [6]], max_length=12, stop=(StopAt([4, 100, 8]),),
+                           steps_per_block=2,
                            generator=torch.Generator().manual_seed(0), record_trace=True)
     assert [t.rows for t in result.traces] == [[0, 1, 2], [1, 2], [1]]
-    document = page_document(block_trace_document(result.traces, result.prompt_padding, PieceTokenizer()))
+    document = page_document(continuation_document(result, PieceTokenizer()))
     assert document["rows"][0] == [None] * 7 + [3] + [MASK] * 4  # prompt canvas of two blocks, then block 1
     assert_page_equals_trace(document, [(t.rows, t.trace) for t in result.traces])
     appends = [s["append"] for s in document["steps"] if s["append"]]
@@ -161,8 +160,8 @@ def test_special_text_cannot_close_the_data_tag():
             return "</script><b>x</b>"
 
     trace = DecodeTrace(torch.tensor([[4, MASK]]))
-    trace.steps = sample(make_model(vocab_size=VOCAB), trace.initial, MASK, SamplerSpec("topk", steps=1),
-                         record_trace=True).trace.steps
+    decoder = build_decoder(make_model(vocab_size=VOCAB), None, SamplerConfig.from_flags("topk", steps=1), MASK)
+    trace.steps = decoder.fill(trace.initial, record_trace=True).trace.steps
     document = trace_document(trace, Nasty())
     html = viewer_html(document)
     assert html.count("</script>") == 2  # the data tag and the script tag

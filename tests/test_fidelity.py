@@ -14,7 +14,7 @@ from loopdlm.config import load_config
 from loopdlm.diffusion.block import BlockDiffusion, build_block_objective
 from loopdlm.sampling.codd import HMMPrior
 from loopdlm.sampling.coupling import AnyOrderCoDDSelector, CoDDTransform
-from loopdlm.sampling.engine import DenoiserOutputs, StepContext, generate
+from loopdlm.sampling.engine import WindowPrediction, StepContext, generate
 from loopdlm.sampling.selectors import AncestralSelector, FixedScheduleSelector, ThresholdSelector
 from loopdlm.train.wino_plus import WinoPlusLossWeights, WinoPlusRows, wino_plus_loss
 
@@ -36,7 +36,7 @@ def context(confidence: torch.Tensor, step: int = 0, generator: torch.Generator 
     return StepContext(tokens=torch.full((rows, width), MASK), log_probs=torch.zeros(rows, width, 2),
                        candidates=torch.ones(rows, width, dtype=torch.long), confidence=confidence,
                        selectable=selectable, editable=selectable, step=step,
-                       window_masked_at_start=selectable.sum(1), generator=generator, extras={})
+                       window_masked_at_start=selectable.sum(1), generator=generator)
 
 
 # ------------------------------------------------------------------------------------------------------ CoDD
@@ -65,7 +65,7 @@ class FixedDenoiser:
         self.log_probs = log_probs
 
     def __call__(self, tokens, window, progress):
-        return DenoiserOutputs(self.log_probs[:, window], torch.ones(tokens.shape[0]))
+        return WindowPrediction(self.log_probs[:, window], torch.ones(tokens.shape[0]))
 
     def begin_window(self, tokens, window):
         pass
@@ -98,7 +98,7 @@ def test_any_order_codd_draws_from_the_sharpened_product_by_default(combine_with
     selector.start_window(selectable.sum(1))
     ctx = StepContext(tokens=torch.full((1, 1), MASK), log_probs=q.log(), candidates=torch.ones(1, 1, dtype=torch.long),
                       confidence=torch.full((1, 1), 0.5), selectable=selectable, editable=selectable, step=0,
-                      window_masked_at_start=selectable.sum(1), generator=None, extras={})
+                      window_masked_at_start=selectable.sum(1), generator=None)
     assert selector.select(ctx).tokens.tolist() == [[token]]
 
 

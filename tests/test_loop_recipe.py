@@ -17,8 +17,8 @@ from loopdlm.diffusion.schedules import LogLinear
 from loopdlm.errors import UserError
 from loopdlm.models import LoopedTransformer, ModelConfig
 from loopdlm.sampling.engine import generate
-from loopdlm.sampling.kv_cache import CachedBlockDenoiser, UncachedBlockDenoiser
-from loopdlm.sampling.long_generation import block_prompt_canvas
+from loopdlm.sampling.kv_cache import CachedBlockPredictor, UncachedBlockPredictor
+from loopdlm.sampling.canvas import block_prompt_canvas
 from loopdlm.sampling.loops import ConvergenceExit, FixedLoops
 from loopdlm.sampling.selectors import FixedScheduleSelector
 from loopdlm.train import loops_for_step, read_training_state, read_weights
@@ -415,7 +415,7 @@ def test_cached_sampling_equals_uncached_with_every_option_on():
     padding = torch.cat((padding, torch.zeros(2, 8, dtype=torch.bool)), dim=1)
     results = [generate(make(model, 0, FixedLoops(3), 4, padding=padding), canvas, FixedScheduleSelector(2), 0,
                         block_length=4, align_windows=True, generator=torch.Generator().manual_seed(0)).tokens
-               for make in (CachedBlockDenoiser, UncachedBlockDenoiser)]
+               for make in (CachedBlockPredictor, UncachedBlockPredictor)]
     assert (results[0] != 0).all() and torch.equal(results[0], results[1])
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from loopdlm.models.transformer import LoopedTransformer, ModelConfig
-from loopdlm.sampling import SamplerSpec, build_loop_policy, sample
+from loopdlm.sampling import SamplerConfig, build_decoder
 from loopdlm.sampling.loops import AdaptiveLoops, ConvergenceExit, FixedLoops, ScheduledLoops
 
 MASK = 0
@@ -49,9 +49,9 @@ def test_adaptive_with_zero_epsilon_equals_fixed_s_max_exactly(model, tokens, pe
 @pytest.mark.parametrize("per_token", [False, True])
 def test_adaptive_zero_epsilon_sampling_matches_fixed_tokens_and_accounting(model, tokens, per_token):
     def run(policy: str):
-        spec = SamplerSpec(sampler="threshold", threshold=0.5, temperature=1.0, loops=S_MAX, loop_policy=policy,
-                           loop_eps=0.0, per_token_exit=per_token, block_length=5)
-        return sample(model, tokens, MASK, spec, generator=torch.Generator().manual_seed(3))
+        spec = SamplerConfig.from_flags(sampler="threshold", threshold=0.5, temperature=1.0, loops=S_MAX,
+                                        loop_policy=policy, loop_eps=0.0, per_token_exit=per_token, block_length=5)
+        return build_decoder(model, None, spec, MASK).fill(tokens, generator=torch.Generator().manual_seed(3))
 
     fixed, adaptive = run("fixed"), run("adaptive")
     assert torch.equal(adaptive.tokens, fixed.tokens)
@@ -105,16 +105,17 @@ def test_scheduled_policy_drives_per_step_core_applications(model):
     # 8 masked slots, 4 fixed-schedule steps of 2 commits: progress 0, 1/4, 1/2, 3/4 -> S = 2, 8, 10, 8.
     canvas = torch.randint(1, 11, (2, 12))
     canvas[:, 4:] = MASK
-    spec = SamplerSpec(sampler="topk", steps=4, temperature=0.0, loops=10, loop_policy="scheduled", min_loops=2)
-    result = sample(model, canvas, MASK, spec)
+    spec = SamplerConfig.from_flags(sampler="topk", steps=4, temperature=0.0, loops=10, loop_policy="scheduled",
+                                    min_loops=2)
+    result = build_decoder(model, None, spec, MASK).fill(canvas)
     assert result.stats.forward_passes == 4
     assert result.stats.core_applications.tolist() == [28.0, 28.0]
 
 
 def test_build_loop_policy_defaults_to_training_s_max_and_validates(model):
-    assert build_loop_policy(SamplerSpec(), model).loops_for(0.3) == S_MAX
-    adaptive = build_loop_policy(SamplerSpec(loop_policy="adaptive", loops=7, loop_eps=0.05, per_token_exit=True),
-                                 model)
+    assert build_decoder(model, None, SamplerConfig(), MASK).loop_policy().loops_for(0.3) == S_MAX
+    adaptive = build_decoder(model, None, SamplerConfig.from_flags(loop_policy="adaptive", loops=7, loop_eps=0.05,
+                                                                   per_token_exit=True), MASK).loop_policy()
     assert isinstance(adaptive, AdaptiveLoops) and adaptive.loops_for(0.0) == 7
     assert adaptive.exit_rule.eps == 0.05 and adaptive.exit_rule.per_token
     for bad in (lambda: FixedLoops(0), lambda: ScheduledLoops(3, 2), lambda: AdaptiveLoops(0, 0.1)):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from loopdlm.models.transformer import LoopedTransformer, ModelConfig
-from loopdlm.sampling import SELECTORS, SamplerSpec, build_selector, sample
+from loopdlm.sampling import SELECTORS, SamplerConfig, build_decoder
+from loopdlm.sampling.sampler_config import build_selector
 from loopdlm.sampling.engine import StepContext
 from loopdlm.sampling.parallel import (
     EntropyBoundedSelector,
@@ -27,7 +28,7 @@ def context(confidence: torch.Tensor, selectable: torch.Tensor, log_probs: torch
     return StepContext(tokens=torch.where(selectable, MASK, 5), log_probs=log_probs,
                        candidates=torch.ones(batch, width, dtype=torch.long), confidence=confidence,
                        selectable=selectable, editable=torch.ones_like(selectable), step=0,
-                       window_masked_at_start=selectable.sum(dim=1), generator=None, extras={})
+                       window_masked_at_start=selectable.sum(dim=1), generator=None)
 
 
 # ------------------------------------------------------------------------------------------------ factor rule
@@ -121,15 +122,16 @@ def model() -> LoopedTransformer:
     return net.eval()
 
 
-@pytest.mark.parametrize("spec", [SamplerSpec(sampler="factor", factor=1.0, temperature=0.0, block_length=6),
-                                  SamplerSpec(sampler="factor", factor=0.05, temperature=1.0),
-                                  SamplerSpec(sampler="eb", eb_gamma=0.5, temperature=0.0, block_length=5),
-                                  SamplerSpec(sampler="eb", eb_gamma=0.0, temperature=1.0)])
+@pytest.mark.parametrize("spec", [SamplerConfig.from_flags(sampler="factor", factor=1.0, temperature=0.0,
+                                                           block_length=6),
+                                  SamplerConfig.from_flags(sampler="factor", factor=0.05, temperature=1.0),
+                                  SamplerConfig.from_flags(sampler="eb", eb_gamma=0.5, temperature=0.0, block_length=5),
+                                  SamplerConfig.from_flags(sampler="eb", eb_gamma=0.0, temperature=1.0)])
 def test_adaptive_selectors_fill_every_slot_within_one_step_per_slot(model, spec):
     canvas = torch.randint(3, 10, (3, 20))
     canvas[:, 4:] = MASK
     canvas[1, 9] = 7  # a fixed token inside the region stays as it is
-    result = sample(model, canvas, MASK, spec, generator=torch.Generator().manual_seed(0))
+    result = build_decoder(model, None, spec, MASK).fill(canvas, generator=torch.Generator().manual_seed(0))
     assert not (result.tokens == MASK).any()
     assert result.tokens[1, 9] == 7 and torch.equal(result.tokens[:, :4], canvas[:, :4])
     assert result.stats.forward_passes <= 16  # at least one commit per row per step
@@ -138,6 +140,6 @@ def test_adaptive_selectors_fill_every_slot_within_one_step_per_slot(model, spec
 
 def test_registry_names_factor_and_eb():
     assert {"factor", "eb"} <= set(SELECTORS)
-    assert isinstance(build_selector(SamplerSpec(sampler="factor", factor=2.5), 8), FactorSelector)
-    selector = build_selector(SamplerSpec(sampler="eb", eb_gamma=0.7), 8)
+    assert isinstance(build_selector(SamplerConfig.from_flags(sampler="factor", factor=2.5), 8), FactorSelector)
+    selector = build_selector(SamplerConfig.from_flags(sampler="eb", eb_gamma=0.7), 8)
     assert isinstance(selector, EntropyBoundedSelector) and selector.gamma == 0.7

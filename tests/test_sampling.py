@@ -3,8 +3,8 @@ import torch
 
 from conftest import make_model
 from loopdlm.errors import UserError
-from loopdlm.sampling import SamplerSpec, prompt_canvas, sample
-from loopdlm.sampling.denoisers import ModelDenoiser
+from loopdlm.sampling import SamplerConfig, build_decoder, prompt_canvas
+from loopdlm.sampling.predictors import FullSequencePredictor
 from loopdlm.sampling.engine import generate, gumbel_candidates
 from loopdlm.sampling.loops import FixedLoops
 from loopdlm.sampling.selectors import AncestralSelector, FixedScheduleSelector, even_split
@@ -18,8 +18,8 @@ SAMPLERS = ["ancestral", "topk", "random", "threshold"]
 def test_every_sampler_fills_every_slot_and_keeps_the_prompt(name, block_length):
     model = make_model()
     canvas = prompt_canvas([[5, 6, 7], [8]], 14, MASK, PAD)
-    spec = SamplerSpec(sampler=name, steps=6, block_length=block_length, loops=2)
-    result = sample(model, canvas, MASK, spec, torch.Generator().manual_seed(0), record_trace=True)
+    spec = SamplerConfig.from_flags(sampler=name, steps=6, block_length=block_length, loops=2)
+    result = build_decoder(model, None, spec, MASK).fill(canvas, torch.Generator().manual_seed(0), record_trace=True)
     assert (result.tokens != MASK).all()
     assert torch.equal(result.tokens[:, :3], canvas[:, :3])
     assert result.stats.forward_passes >= 1
@@ -46,7 +46,8 @@ def test_infilling_keeps_given_tokens_anywhere():
     model = make_model()
     canvas = torch.full((2, 12), MASK)
     canvas[:, 0], canvas[:, 5], canvas[:, 11] = 3, 4, 9
-    result = sample(model, canvas, MASK, SamplerSpec("topk", steps=4, loops=1), torch.Generator().manual_seed(1))
+    decoder = build_decoder(model, None, SamplerConfig.from_flags("topk", steps=4, loops=1), MASK)
+    result = decoder.fill(canvas, torch.Generator().manual_seed(1))
     assert (result.tokens != MASK).all()
     assert torch.equal(result.tokens[canvas != MASK], canvas[canvas != MASK])
 
@@ -56,7 +57,7 @@ def test_cached_ancestral_skips_forward_passes_but_gives_identical_tokens():
     canvas = prompt_canvas([[5]] * 2, 10, MASK, PAD)
     outputs = []
     for reuse in (True, False):
-        denoiser = ModelDenoiser(model, MASK, FixedLoops(2))
+        denoiser = FullSequencePredictor(model, MASK, FixedLoops(2))
         outputs.append(generate(denoiser, canvas, AncestralSelector(64), MASK, reuse_unchanged=reuse,
                                 generator=torch.Generator().manual_seed(4)))
     assert torch.equal(outputs[0].tokens, outputs[1].tokens)
@@ -68,7 +69,7 @@ def test_fixed_schedule_commits_even_split_per_step():
     assert [int(even_split(torch.tensor([10]), 4, s)) for s in range(4)] == [3, 3, 2, 2]
     model = make_model()
     canvas = prompt_canvas([[5]], 11, MASK, PAD)
-    denoiser = ModelDenoiser(model, MASK)
+    denoiser = FullSequencePredictor(model, MASK)
     result = generate(denoiser, canvas, FixedScheduleSelector(4), MASK, generator=torch.Generator().manual_seed(0))
     assert result.stats.committed_per_step == [3, 3, 2, 2]
 
@@ -95,7 +96,8 @@ def test_sampler_never_emits_mask_even_when_model_prefers_it():
     with torch.no_grad():
         model.head.weight[MASK] += 100.0
     canvas = prompt_canvas([[5]], 8, MASK, PAD)
-    result = sample(model, canvas, MASK, SamplerSpec("ancestral", steps=4, loops=1), torch.Generator())
+    decoder = build_decoder(model, None, SamplerConfig.from_flags("ancestral", steps=4, loops=1), MASK)
+    result = decoder.fill(canvas, torch.Generator())
     assert (result.tokens != MASK).all()
 
 
@@ -103,8 +105,8 @@ def test_bad_sampler_arguments_are_user_errors():
     model = make_model()
     canvas = prompt_canvas([[5]], 8, MASK, PAD)
     with pytest.raises(UserError, match="unknown sampler"):
-        sample(model, canvas, MASK, SamplerSpec("nope"))
+        build_decoder(model, None, SamplerConfig.from_flags("nope"), MASK).fill(canvas)
     with pytest.raises(UserError, match="no room"):
         prompt_canvas([[5] * 8], 8, MASK, PAD)
     with pytest.raises(UserError, match="nothing to generate"):
-        sample(model, torch.ones(1, 4, dtype=torch.long), MASK, SamplerSpec("topk"))
+        build_decoder(model, None, SamplerConfig.from_flags("topk"), MASK).fill(torch.ones(1, 4, dtype=torch.long))

@@ -21,8 +21,8 @@ from loopdlm.data.task_spec import get_task
 from loopdlm.diffusion.masked import MaskedDiffusion
 from loopdlm.errors import UserError
 from loopdlm.eval.tasks import task_accuracy
-from loopdlm.models.transformer import DenoiserOutput, ModelConfig
-from loopdlm.sampling import SamplerSpec
+from loopdlm.models.transformer import ModelConfig, TransformerOutput
+from loopdlm.sampling import SamplerConfig, build_decoder
 from loopdlm.train.checkpoint import load_checkpoint_config, resolve_checkpoint
 
 
@@ -93,7 +93,7 @@ class AdditionOracle(nn.Module):
             target = self.tokenizer.encode(answer) + [self.tokenizer.eos_id] * (self.answer_len - len(answer))
             for column, token in enumerate(target):
                 logits[row, self.prompt_len + column, token] = 30.0
-        return DenoiserOutput(logits=logits, core_applications=torch.full((tokens.shape[0],), float(loops)))
+        return TransformerOutput(logits=logits, core_applications=torch.full((tokens.shape[0],), float(loops)))
 
 
 @pytest.mark.parametrize("off_by_one, expected", [(False, 1.0), (True, 0.0)])
@@ -102,8 +102,8 @@ def test_task_accuracy_counts_verified_answers(off_by_one, expected):
     tok = task_tokenizer(task)
     examples = task_examples(task, 10, seed=0, split="test", unique=True)
     oracle = AdditionOracle(tok, task.prompt_length, task.answer_length, off_by_one)
-    spec = SamplerSpec(sampler="topk", steps=3, loops=2)
-    report = task_accuracy(oracle, tok, task, examples, spec, batch_size=4)
+    spec = SamplerConfig.from_flags(sampler="topk", steps=3, loops=2)
+    report = task_accuracy(build_decoder(oracle, None, spec, tok.mask_id), tok, task, examples, batch_size=4)
     assert report.accuracy == expected and report.n == 10
     assert report.predictions[0] == str(sum(map(int, examples[0].prompt[:-1].split("+"))) + off_by_one)
     assert report.core_applications == pytest.approx(2.0 * 3)  # 3 forward passes of S = 2 per example

@@ -12,19 +12,18 @@ from loopdlm.diffusion.block import block_causal_mask
 from loopdlm.diffusion.masked import subs_log_probs
 from loopdlm.eval.tasks import task_accuracy
 from loopdlm.models.transformer import LoopedTransformer, ModelConfig
-from loopdlm.sampling import SELECTORS, SamplerSpec, build_selector, sample
-from loopdlm.sampling.denoisers import ModelDenoiser
+from loopdlm.sampling import SELECTORS, SamplerConfig, build_decoder
+from loopdlm.sampling.sampler_config import build_selector
+from loopdlm.sampling.predictors import FullSequencePredictor
 from loopdlm.sampling.engine import Decision, StepContext, generate
-from loopdlm.sampling.kv_cache import CachedBlockDenoiser
+from loopdlm.sampling.kv_cache import CachedBlockPredictor
 from loopdlm.sampling.loops import FixedLoops, ScheduledLoops
 from loopdlm.sampling.wino import (
-    SHADOW_LOG_PROBS,
-    CachedWinoDenoiser,
-    WinoDenoiser,
+    ShadowBlock,
     WinoSelector,
     accept_cap,
-    wino_attention_mask,
-    wino_position_ids,
+    shadow_block_mask,
+    shadow_position_ids,
 )
 from loopdlm.train.wino_plus import (
     RECORDING_SPEC,
@@ -83,18 +82,18 @@ def brute_force_mask(length: int, window: slice, base=None) -> torch.Tensor:
 
 @pytest.mark.parametrize("length,window", [(7, slice(2, 5)), (9, slice(0, 9)), (10, slice(6, 10))])
 def test_shadow_mask_matches_brute_force_rule(length, window):
-    assert torch.equal(wino_attention_mask(length, window), brute_force_mask(length, window))
+    assert torch.equal(shadow_block_mask(None, window, length), brute_force_mask(length, window))
 
 
 def test_shadow_mask_follows_a_block_causal_base_mask():
     length, window = 8, slice(4, 6)
     block = torch.arange(length) // 2
     base = block[:, None] >= block[None, :]  # block-causal attention between sequence positions
-    assert torch.equal(wino_attention_mask(length, window, base), brute_force_mask(length, window, base))
+    assert torch.equal(shadow_block_mask(base, window, length), brute_force_mask(length, window, base))
 
 
 def test_shadow_positions_repeat_the_window_positions():
-    assert wino_position_ids(5, slice(2, 4)).tolist() == [[0, 1, 2, 3, 4, 2, 3]]
+    assert shadow_position_ids(torch.arange(5)[None], slice(2, 4)).tolist() == [[0, 1, 2, 3, 4, 2, 3]]
 
 
 # -------------------------------------------------------------------------------------------------- denoiser
@@ -102,13 +101,13 @@ def test_shadow_positions_repeat_the_window_positions():
 
 def test_shadow_slot_ignores_its_own_token_but_not_the_others():
     net = perturbed_model(n_layers=1)  # one layer: no second-hop path from token i into shadow row i
-    denoiser = WinoDenoiser(net, MASK)
+    denoiser = ShadowBlock(FullSequencePredictor(net, MASK))
     tokens = torch.randint(1, 10, (2, 12), generator=torch.Generator().manual_seed(4))
     window, slot = slice(5, 10), 2
     changed = tokens.clone()
     changed[:, window.start + slot] = torch.where(tokens[:, window.start + slot] == 3, 4, 3)
-    before = denoiser(tokens, window, 0.0).extras[SHADOW_LOG_PROBS]
-    after = denoiser(changed, window, 0.0).extras[SHADOW_LOG_PROBS]
+    before = denoiser(tokens, window, 0.0).shadow_log_probs
+    after = denoiser(changed, window, 0.0).shadow_log_probs
     assert torch.equal(after[:, slot], before[:, slot])
     others = [i for i in range(window.stop - window.start) if i != slot]
     assert not torch.allclose(after[:, others], before[:, others])
@@ -117,12 +116,12 @@ def test_shadow_slot_ignores_its_own_token_but_not_the_others():
 def test_sequence_log_probs_are_those_of_the_plain_denoiser(model):
     tokens, window = canvas(), slice(6, 15)
     tokens[:, 8] = 5
-    wino = WinoDenoiser(model, MASK)(tokens, window, 0.0)
-    plain = ModelDenoiser(model, MASK)(tokens, window, 0.0)
+    wino = ShadowBlock(FullSequencePredictor(model, MASK))(tokens, window, 0.0)
+    plain = FullSequencePredictor(model, MASK)(tokens, window, 0.0)
     finite = plain.log_probs.isfinite()
     assert torch.equal(wino.log_probs.isfinite(), finite)
     assert torch.allclose(wino.log_probs[finite], plain.log_probs[finite], atol=1e-6)
-    assert wino.extras[SHADOW_LOG_PROBS].shape == (4, 9, 10)
+    assert wino.shadow_log_probs.shape == (4, 9, 10)
 
 
 # -------------------------------------------------------------------------------------------------- selector
@@ -139,7 +138,7 @@ def step_context(confidence, selectable, tokens, shadow_probs, editable=None) ->
                        confidence=torch.tensor([confidence]), selectable=selectable,
                        editable=torch.ones_like(selectable) if editable is None else torch.tensor([editable]),
                        step=0, window_masked_at_start=torch.tensor([width]), generator=None,
-                       extras={SHADOW_LOG_PROBS: shadow.log()})
+                       shadow_log_probs=shadow.log())
 
 
 def test_accept_cap_is_seventy_percent_clamped_to_five_and_twenty():
@@ -183,7 +182,7 @@ def test_verify_never_touches_fixed_context_tokens():
 
 def test_selector_without_shadow_block_raises(model):
     with pytest.raises(ValueError, match="shadow"):
-        generate(ModelDenoiser(model, MASK), canvas(), WinoSelector(), MASK, temperature=0.0)
+        generate(FullSequencePredictor(model, MASK), canvas(), WinoSelector(), MASK, temperature=0.0)
 
 
 # -------------------------------------------------------------------------------------------- full decoding
@@ -216,9 +215,9 @@ class CappedThreshold:
 def test_wino_without_verification_equals_capped_threshold_decoding(tau1, block, loops):
     net = perturbed_model(n_layers=3, core=(1, 2), max_loops=3) if loops else perturbed_model()
     x = canvas(length=40)
-    wino = generate(WinoDenoiser(net, MASK, loops), x, WinoSelector(tau1, tau2=0.0), MASK, block_length=block,
-                    temperature=0.0)
-    plain = generate(ModelDenoiser(net, MASK, loops), x, CappedThreshold(tau1), MASK, block_length=block,
+    wino = generate(ShadowBlock(FullSequencePredictor(net, MASK, loops)), x, WinoSelector(tau1, tau2=0.0), MASK,
+                    block_length=block, temperature=0.0)
+    plain = generate(FullSequencePredictor(net, MASK, loops), x, CappedThreshold(tau1), MASK, block_length=block,
                      temperature=0.0)
     assert torch.equal(wino.tokens, plain.tokens)
     assert wino.stats.committed_per_step == plain.stats.committed_per_step
@@ -266,12 +265,12 @@ def reference_wino_row(net, row: torch.Tensor, block: int, tau1: float, tau2: fl
 @pytest.mark.parametrize("tau1,tau2,block", [(0.5, 0.9, 9), (0.3, 0.9, 0), (0.2, 0.6, 7)])
 def test_wino_matches_slot_by_slot_reference_and_batched_equals_row_by_row(model, tau1, tau2, block):
     x = canvas()
-    batched = generate(WinoDenoiser(model, MASK), x, WinoSelector(tau1, tau2), MASK, block_length=block,
-                       temperature=0.0)
+    batched = generate(ShadowBlock(FullSequencePredictor(model, MASK)), x, WinoSelector(tau1, tau2), MASK,
+                       block_length=block, temperature=0.0)
     assert batched.stats.remasked > 0  # verification is exercised
     for row in range(x.shape[0]):
-        alone = generate(WinoDenoiser(model, MASK), x[row:row + 1], WinoSelector(tau1, tau2), MASK,
-                         block_length=block, temperature=0.0)
+        alone = generate(ShadowBlock(FullSequencePredictor(model, MASK)), x[row:row + 1], WinoSelector(tau1, tau2),
+                         MASK, block_length=block, temperature=0.0)
         assert torch.equal(alone.tokens[0], batched.tokens[row])
         assert alone.stats.forward_passes == int(batched.stats.row_forward_passes[row])
         reference_tokens, reference_steps = reference_wino_row(model, x[row], block or x.shape[1], tau1, tau2)
@@ -284,8 +283,8 @@ def test_wino_matches_slot_by_slot_reference_and_batched_equals_row_by_row(model
 def test_every_wino_decode_fills_every_slot_within_one_step_per_slot(model, tau1, tau2, block, temperature):
     x = canvas(rows=3, length=30)
     x[2, 12] = 7  # fixed context inside the region is never re-masked
-    result = generate(WinoDenoiser(model, MASK), x, WinoSelector(tau1, tau2), MASK, block_length=block,
-                      temperature=temperature, generator=torch.Generator().manual_seed(5))
+    result = generate(ShadowBlock(FullSequencePredictor(model, MASK)), x, WinoSelector(tau1, tau2), MASK,
+                      block_length=block, temperature=temperature, generator=torch.Generator().manual_seed(5))
     assert not (result.tokens == MASK).any()
     assert result.tokens[2, 12] == 7 and torch.equal(result.tokens[:, :6], x[:, :6])
     windows = -(-24 // block) if block else 1
@@ -296,8 +295,8 @@ def test_wino_accounting_counts_one_forward_per_step_including_the_shadow():
     net = perturbed_model(n_layers=3, core=(1, 2), max_loops=3)
     x = canvas(rows=2)
     x[1, 6:10] = 3  # row 1 has fewer masks, so it idles at the end of the first window
-    result = generate(WinoDenoiser(net, MASK, FixedLoops(3)), x, WinoSelector(0.5, 0.9), MASK, block_length=9,
-                      temperature=0.0)
+    result = generate(ShadowBlock(FullSequencePredictor(net, MASK, FixedLoops(3))), x, WinoSelector(0.5, 0.9), MASK,
+                      block_length=9, temperature=0.0)
     stats = result.stats
     assert stats.forward_passes == len(stats.committed_per_step)
     assert int(stats.row_forward_passes.max()) == stats.forward_passes
@@ -306,13 +305,13 @@ def test_wino_accounting_counts_one_forward_per_step_including_the_shadow():
 
 
 def test_sample_with_wino_spec_uses_the_shadow_denoiser(model):
-    spec = SamplerSpec(sampler="wino", tau1=0.2, tau2=0.6, temperature=0.0, block_length=7, loops=1)
-    via_spec = sample(model, canvas(), MASK, spec)
-    direct = generate(WinoDenoiser(model, MASK), canvas(), WinoSelector(0.2, 0.6), MASK, block_length=7,
-                      temperature=0.0)
+    spec = SamplerConfig.from_flags(sampler="wino", tau1=0.2, tau2=0.6, temperature=0.0, block_length=7, loops=1)
+    via_spec = build_decoder(model, None, spec, MASK).fill(canvas())
+    direct = generate(ShadowBlock(FullSequencePredictor(model, MASK)), canvas(), WinoSelector(0.2, 0.6), MASK,
+                      block_length=7, temperature=0.0)
     assert torch.equal(via_spec.tokens, direct.tokens) and via_spec.stats.remasked == direct.stats.remasked > 0
     assert "wino" in SELECTORS
-    selector = build_selector(SamplerSpec(sampler="wino", wino_min_accept=2, wino_max_accept=4), 10)
+    selector = build_selector(SamplerConfig.from_flags(sampler="wino", wino_min_accept=2, wino_max_accept=4), 10)
     assert (selector.min_accept, selector.max_accept, selector.accept_fraction) == (2, 4, 0.7)
 
 
@@ -345,11 +344,11 @@ def wino_plus_model(tokenizer) -> LoopedTransformer:
 def test_rows_rebuild_the_recorded_trajectory(sudoku):
     task, tokenizer, examples, x = sudoku
     net = wino_plus_model(tokenizer)
-    spec = SamplerSpec(sampler="wino", tau1=0.5, tau2=0.8, temperature=0.0, block_length=8, loops=2)
+    spec = SamplerConfig.from_flags(sampler="wino", tau1=0.5, tau2=0.8, temperature=0.0, block_length=8, loops=2)
     recorded = decode_recorded(net, x, tokenizer.mask_id, spec)
     result, states = recorded.result, recorded.states
     assert result.stats.remasked > 0 and len(states) == result.stats.forward_passes + 1
-    assert torch.equal(result.tokens, sample(net, x, tokenizer.mask_id, spec).tokens)
+    assert torch.equal(result.tokens, build_decoder(net, None, spec, tokenizer.mask_id).fill(x).tokens)
     accept, windows = recorded.accept_steps(tokenizer.mask_id), recorded.window_index(tokenizer.mask_id)
     assert windows[0].tolist() == [-1] * task.prompt_length + [0] * 8 + [1] * 8
     for row in range(x.shape[0]):
@@ -392,7 +391,7 @@ def test_record_retries_rejected_prompts_at_rising_temperature(sudoku):
     assert [(t.example_index, t.temperature) for t in trajectories] == [(0, 0.0), (1, 0.2)]
     assert list(task.calls.values()) == [1, 3, 6]
     # The kept decode is exactly WINO's decode of that prompt at that temperature (rows decode independently).
-    spec = SamplerSpec(sampler="wino", tau1=0.5, tau2=0.8, temperature=0.2)
+    spec = SamplerConfig.from_flags(sampler="wino", tau1=0.5, tau2=0.8, temperature=0.2)
     again = decode_recorded(net, x[[1, 2]], tokenizer.mask_id, spec, torch.Generator().manual_seed(11 + 2))
     assert torch.equal(trajectories[1].tokens, again.result.tokens[0])
     assert torch.equal(trajectories[1].accept_step, again.accept_steps(tokenizer.mask_id)[0])
@@ -447,8 +446,8 @@ def test_finetune_lowers_the_wino_plus_loss_and_threshold_decoding_runs(sudoku):
     assert {h["loops"] for h in history} == {1, 2, 3}
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in history)
     assert not net.training
-    threshold = SamplerSpec(sampler="threshold", threshold=0.9, temperature=0.0, loops=3)
-    report = task_accuracy(net, tokenizer, task, examples, threshold)
+    threshold = SamplerConfig.from_flags(sampler="threshold", threshold=0.9, temperature=0.0, loops=3)
+    report = task_accuracy(build_decoder(net, None, threshold, tokenizer.mask_id), tokenizer, task, examples)
     assert report.n == len(examples) and 0 < report.forward_passes <= task.answer_length
 
 
@@ -485,7 +484,7 @@ def test_cached_wino_shadow_equals_uncached_block_causal_computation():
     tokens = block_canvas()
     tokens[:, 8:11] = torch.tensor([3, 4, 5])
     window, block = slice(8, 12), 4
-    cached = CachedWinoDenoiser(net, MASK, FixedLoops(2), block_size=block)
+    cached = ShadowBlock(CachedBlockPredictor(net, MASK, FixedLoops(2), block_size=block))
     cached.begin_window(tokens, window)  # caches the two clean prompt blocks
     out = cached(tokens, window, 0.0)
 
@@ -493,21 +492,21 @@ def test_cached_wino_shadow_equals_uncached_block_causal_computation():
     base = block_causal_mask(columns, columns, block)
     extended = torch.cat((tokens[:, :window.stop], torch.full((3, 4), MASK)), dim=1)
     with torch.no_grad():
-        logits = net(extended, loops=2, position_ids=wino_position_ids(window.stop, window),
-                     attn_mask=wino_attention_mask(window.stop, window, base)[None, None]).logits
+        logits = net(extended, loops=2, position_ids=shadow_position_ids(torch.arange(window.stop)[None], window),
+                     attn_mask=shadow_block_mask(base, window, window.stop)[None, None]).logits
     reference = subs_log_probs(logits, MASK)
     finite = reference.isfinite()
     assert torch.allclose(out.log_probs[finite[:, window]], reference[:, window][finite[:, window]], atol=1e-9)
     shadow = reference[:, window.stop:]
-    assert torch.allclose(out.extras[SHADOW_LOG_PROBS][shadow.isfinite()], shadow[shadow.isfinite()], atol=1e-9)
+    assert torch.allclose(out.shadow_log_probs[shadow.isfinite()], shadow[shadow.isfinite()], atol=1e-9)
 
 
 def test_cached_wino_without_verification_equals_cached_capped_threshold():
     net = perturbed_model(n_layers=3, core=(1, 2), max_loops=2)
     x = block_canvas(length=28)
-    wino = generate(CachedWinoDenoiser(net, MASK, FixedLoops(2), block_size=10), x, WinoSelector(0.4, tau2=0.0), MASK,
-                    block_length=10, align_windows=True, temperature=0.0)
-    plain = generate(CachedBlockDenoiser(net, MASK, FixedLoops(2), block_size=10), x, CappedThreshold(0.4), MASK,
+    wino = generate(ShadowBlock(CachedBlockPredictor(net, MASK, FixedLoops(2), block_size=10)), x,
+                    WinoSelector(0.4, tau2=0.0), MASK, block_length=10, align_windows=True, temperature=0.0)
+    plain = generate(CachedBlockPredictor(net, MASK, FixedLoops(2), block_size=10), x, CappedThreshold(0.4), MASK,
                      block_length=10, align_windows=True, temperature=0.0)
     assert torch.equal(wino.tokens, plain.tokens)
     assert wino.stats.committed_per_step == plain.stats.committed_per_step
@@ -516,8 +515,8 @@ def test_cached_wino_without_verification_equals_cached_capped_threshold():
 def test_cached_wino_revokes_and_fills_every_block():
     net = perturbed_model(n_layers=3, core=(1, 2), max_loops=2)
     x = block_canvas(length=28)
-    result = generate(CachedWinoDenoiser(net, MASK, FixedLoops(2), block_size=10), x, WinoSelector(0.2, 0.9), MASK,
-                      block_length=10, align_windows=True, temperature=0.0)
+    result = generate(ShadowBlock(CachedBlockPredictor(net, MASK, FixedLoops(2), block_size=10)), x,
+                      WinoSelector(0.2, 0.9), MASK, block_length=10, align_windows=True, temperature=0.0)
     assert result.stats.remasked > 0 and not (result.tokens == MASK).any()
     assert torch.equal(result.tokens[:, :8], x[:, :8])
     assert result.stats.forward_passes == len(result.stats.committed_per_step) <= 20 + 3

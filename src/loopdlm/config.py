@@ -14,7 +14,7 @@ import yaml
 from loopdlm.diffusion.masked import DiffusionConfig
 from loopdlm.errors import ConfigError, UserError
 from loopdlm.models.transformer import ModelConfig
-from loopdlm.sampling import SamplerSpec
+from loopdlm.sampling.sampler_config import SamplerConfig
 from loopdlm.settings import NON_NEGATIVE, POSITIVE, PROBABILITY, Each, OneOf, Range, check_fields, setting
 
 
@@ -109,9 +109,11 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig(SamplerSpec):
-    """The default sampler of a run (every `SamplerSpec` field) plus how many samples to draw and the loop
-    counts at which validation reports the NELBO."""
+class SampleConfig(SamplerConfig):
+    """The default sampler of a run (every `SamplerConfig` field, nested: sample.wino.tau1, sample.loop.policy,
+    sample.codd.prior, ...) plus how many samples to draw and the loop counts at which validation reports the NELBO.
+    The flat keys of configs written before the nesting (sample.tau1, sample.loops, ...) are read into their new
+    place (`SamplerConfig.FLAGS`)."""
 
     num_samples: int = setting(2, "samples per prompt drawn by `loopdlm sample`", POSITIVE)
     length: int = setting(0, "new tokens per sample (0 = fill the training context after the prompt)",
@@ -204,7 +206,7 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> None:
         target = _section(config, section)
         if raw.strip():
             value = _parse_value(raw)
-        elif isinstance(getattr(target, key, None), str):
+        elif isinstance(_current_value(target, section, key), str):
             value = ""  # e.g. train.init_from= (clear it)
         else:
             raise UserError(f"override '{item}' has no value; write {name}=VALUE")
@@ -231,11 +233,40 @@ def _section(config: RunConfig, section: str) -> Any:
     return getattr(config, section)
 
 
+#: Per section, flat keys of older configs -> their dotted place now (only read when the value is not a mapping).
+RENAMED_KEYS = {"sample": SamplerConfig.FLAGS}
+
+
+def _current_value(target: Any, section: str, key: str) -> Any:
+    """The value at (dotted, possibly renamed) `key` of the section `target` (None when there is no such key)."""
+    for part in RENAMED_KEYS.get(section, {}).get(key, key).split("."):
+        target = getattr(target, part, None)
+    return target
+
+
 def _assign(target: Any, section: str, key: str, value: Any) -> None:
+    """Set `key` of the config section `target` (named `section` in messages). `key` may be dotted (wino.tau1) and a
+    mapping value fills a nested group key by key."""
+    if not isinstance(value, dict):
+        key = RENAMED_KEYS.get(section, {}).get(key, key)
+    key, dot, rest = key.partition(".")
     fields = {f.name: f for f in dataclasses.fields(target)}
     if key not in fields:
         raise UserError(f"unknown config key '{section}.{key}'{_suggest(key, list(fields), section + '.')}")
     current = getattr(target, key)
+    if dataclasses.is_dataclass(current):
+        if dot:
+            _assign(current, f"{section}.{key}", rest, value)
+        elif isinstance(value, dict):
+            for inner, inner_value in value.items():
+                _assign(current, f"{section}.{key}", inner, inner_value)
+        else:
+            keys = ", ".join(f.name for f in dataclasses.fields(current))
+            raise UserError(f"config key '{section}.{key}' is a group ({keys}); set one of them, e.g. "
+                            f"{section}.{key}.{dataclasses.fields(current)[0].name}=VALUE")
+        return
+    if dot:
+        raise UserError(f"unknown config key '{section}.{key}.{rest}': '{section}.{key}' has no keys below it")
     if isinstance(value, bool) != isinstance(current, bool) and isinstance(current, (bool, int, float)):
         # bool is an int in Python; 'train.steps=true' must not become 1 step, nor 'compile=1' a flag.
         raise UserError(f"config key '{section}.{key}' expects {type(current).__name__}, got {value!r}")

@@ -90,11 +90,15 @@ def check_value(name: str, value: Any, check: Check) -> None:
 
 
 def check_fields(config: Any, prefix: str = "") -> None:
-    """Check every field of the dataclass instance `config` that declares a check; a field whose default is None
-    may also be None (= unset), no other may. `prefix` names the section in messages, e.g. 'train.'."""
+    """Check every field of the dataclass instance `config` that declares a check, and the fields of nested
+    dataclasses (named 'prefix.field.'); a field whose default is None may also be None (= unset), no other may.
+    `prefix` names the section in messages, e.g. 'train.'."""
     for spec in dataclasses.fields(config):
         check = spec.metadata.get(CHECK)
         value = getattr(config, spec.name)
+        if dataclasses.is_dataclass(value):
+            check_fields(value, f"{prefix}{spec.name}.")
+            continue
         if value is None and spec.default is not None:
             raise ConfigError(f"{prefix}{spec.name} needs a value")
         if check is not None and value is not None:

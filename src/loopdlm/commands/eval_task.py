@@ -6,13 +6,13 @@ import argparse
 import json
 
 from loopdlm.commands.arguments import DEVICE_HELP, non_negative_int, positive_int, spec_type
-from loopdlm.commands.sample import add_sampler_arguments, sampler_spec_from_args
+from loopdlm.commands.sample import add_sampler_arguments, checkpoint_decoder, sampler_spec_from_args
 from loopdlm.data.file_tasks import FileTask
 from loopdlm.data.task_source import SPLITS, task_examples, task_of
 from loopdlm.data.task_spec import get_task
 from loopdlm.errors import UserError
 from loopdlm.eval.tasks import task_accuracy
-from loopdlm.sampling import SamplerSpec
+from loopdlm.sampling.sampler_config import SamplerConfig
 from loopdlm.workflow import load_pretrained, resolve_device
 
 
@@ -34,9 +34,9 @@ def register(subparsers) -> None:
     add_sampler_arguments(parser)
     parser.add_argument("--loops", type=positive_int, nargs="+", default=None,
                         help="core applications S, one evaluation each (default: training S_max)")
-    parser.add_argument("--temperature", type=spec_type(SamplerSpec, "temperature", float), default=None,
+    parser.add_argument("--temperature", type=spec_type(SamplerConfig, "temperature", float), default=None,
                         help="default: the checkpoint config's (task presets decode greedily, 0)")
-    parser.add_argument("--top-p", type=spec_type(SamplerSpec, "top_p", float), default=None,
+    parser.add_argument("--top-p", type=spec_type(SamplerConfig, "top_p", float), default=None,
                         help="default: the checkpoint config's")
     parser.set_defaults(func=run)
 
@@ -58,19 +58,20 @@ def run(args) -> None:
     examples = task_examples(task, count, args.seed, args.split, unique=True)
     reports = []
     for s in loops:
-        spec = sampler_spec_from_args(argparse.Namespace(**{**vars(args), "loops": s}), loaded.config)
-        reports.append((spec, task_accuracy(loaded.model, loaded.tokenizer, task, examples, spec,
-                                            args.batch_size, args.seed)))
+        decoder = checkpoint_decoder(loaded, sampler_spec_from_args(argparse.Namespace(**{**vars(args), "loops": s}),
+                                                                    loaded.config), args.seed)
+        reports.append((decoder, task_accuracy(decoder, loaded.tokenizer, task, examples, args.batch_size,
+                                               args.seed)))
     if args.json:
-        print(json.dumps([{**report.as_dict(), "loops": spec.loops or loaded.model.config.max_loops,
-                           "sampler": spec.sampler, "steps": spec.steps} for spec, report in reports]))
+        print(json.dumps([{**report.as_dict(), "loops": decoder.loops, "sampler": decoder.sampler.sampler,
+                           "steps": decoder.sampler.steps} for decoder, report in reports]))
         return
-    spec = reports[0][0]
+    spec = reports[0][0].sampler
     print(f"# {loaded.path} | {task.name}, {len(examples)} {args.split} problems | sampler={spec.sampler} "
-          f"steps={spec.steps} temperature={spec.temperature} policy={spec.loop_policy}")
+          f"steps={spec.steps} temperature={spec.temperature} policy={spec.loop.policy}")
     print(f"{'S':>4} {'accuracy':>9} {'+-':>6} {'NFE':>5} {'loops/row':>10} {'seconds':>8}")
-    for spec, r in reports:
-        s = spec.loops or loaded.model.config.max_loops
+    for decoder, r in reports:
+        s = decoder.loops
         print(f"{s:>4} {r.accuracy:>9.3f} {r.stderr:>6.3f} {r.forward_passes:>5} {r.core_applications:>10.1f} "
               f"{r.wall_time:>8.2f}")
     for example, prediction in list(zip(examples, reports[-1][1].predictions))[:args.show]:

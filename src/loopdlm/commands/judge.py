@@ -8,11 +8,11 @@ import json
 import torch
 
 from loopdlm.commands.arguments import DEVICE_HELP, SEED_HELP, non_negative_int, positive_int
-from loopdlm.commands.sample import add_sampler_arguments, sampler_spec_from_args
+from loopdlm.commands.sample import add_sampler_arguments, checkpoint_decoder, sampler_spec_from_args
 from loopdlm.config import available_presets, load_config
 from loopdlm.errors import UserError
 from loopdlm.eval.genppl import generative_perplexity, load_judge
-from loopdlm.sampling import prompt_canvas, sample
+from loopdlm.sampling import prompt_canvas
 from loopdlm.workflow import build_run, load_pretrained, resolve_device
 
 
@@ -57,6 +57,7 @@ def run_genppl(args) -> None:
     loaded = load_pretrained(args.checkpoint, device)
     tok, config = loaded.tokenizer, loaded.config
     spec = sampler_spec_from_args(args, config)
+    decoder = checkpoint_decoder(loaded, spec, args.seed)
     length = args.length or config.data.seq_len
     judge = load_judge(args.judge, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -65,13 +66,13 @@ def run_genppl(args) -> None:
     for start in range(0, args.num_samples, args.batch_size):
         count = min(args.batch_size, args.num_samples - start)
         canvas = prompt_canvas([[] for _ in range(count)], length, tok.mask_id, tok.pad_id).to(device)
-        result = sample(loaded.model, canvas, tok.mask_id, spec, generator)
+        result = decoder.fill(canvas, generator)
         rows += result.tokens.tolist()
         forward_passes += result.stats.forward_passes
         core += float(result.stats.core_applications.sum())
     texts = [tok.decode(r) for r in rows]
     report = generative_perplexity(judge, texts, rows)
-    loops = spec.loops or loaded.model.config.max_loops
+    loops = decoder.loops
     settings = {"sampler": spec.sampler, "steps": spec.steps, "loops": loops, "top_p": spec.top_p,
                 "temperature": spec.temperature, "precision": "float64 Gumbel", "length": length}
     if args.json:

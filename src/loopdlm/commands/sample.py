@@ -12,30 +12,32 @@ import torch
 from loopdlm.commands.arguments import (
     DEVICE_HELP,
     SEED_HELP,
-    non_negative_float,
     non_negative_int,
-    positive_float,
     positive_int,
     spec_type,
 )
 from loopdlm.errors import UserError
-from loopdlm.eval.denoising_viewer import block_trace_document, trace_document, write_json, write_viewer
-from loopdlm.sampling import SELECTORS, SamplerSpec, prompt_canvas, sample
-from loopdlm.sampling.coupling import AnyOrderCoDDSelector, CoDDTransform, load_codd_layer
-from loopdlm.sampling.long_generation import sample_blocks
+from loopdlm.eval.denoising_viewer import continuation_document, write_json, write_viewer
+from loopdlm.sampling import SELECTORS, Decoder, SamplerConfig, build_decoder
+from loopdlm.sampling.long_generation import EosStop
+from loopdlm.sampling.sampler_config import LOOP_POLICIES
 from loopdlm.settings import field_help
-from loopdlm.workflow import load_pretrained, resolve_device
+from loopdlm.workflow import LoadedModel, load_pretrained, resolve_device
 
 
 def add_sampler_arguments(parser) -> None:
     """Flags that describe a sampler (shared by `sample`, task evaluation and judging); every flag left out falls
-    back to the checkpoint config's `sample` section. Help texts and allowed ranges come from `SamplerSpec`."""
+    back to the checkpoint config's `sample` section. Each flag sets the field `SamplerConfig.FLAGS` names, and its
+    help text and allowed range come from that field."""
 
-    def flag(name: str, kind: type | None = None, **options) -> None:
+    def flag(name: str, kind: type | None = None, help_text: str | None = None, **options) -> None:
+        owner, field = SamplerConfig().field_owner(SamplerConfig.FLAGS[name])
         if kind is not None:
-            options["type"] = spec_type(SamplerSpec, name, kind)
+            options["type"] = spec_type(type(owner), field, kind)
+        path = SamplerConfig.FLAGS[name]
         parser.add_argument("--" + name.replace("_", "-"), default=None, **options,
-                            help=f"{field_help(SamplerSpec, name)} (default: the checkpoint's sample.{name})")
+                            help=f"{help_text or field_help(type(owner), field)} (default: the checkpoint's "
+                            f"sample.{path})")
 
     flag("sampler", choices=sorted(SELECTORS))
     flag("steps", int)
@@ -47,44 +49,33 @@ def add_sampler_arguments(parser) -> None:
     flag("eb_gamma", float)
     flag("tau1", float)
     flag("tau2", float)
-    parser.add_argument("--loops", type=positive_int, default=None,
-                        help="core applications S per forward pass (default: the checkpoint's sample.loops, "
-                        "0 there = training S_max)")
-    flag("loop_policy", choices=["fixed", "scheduled", "adaptive"])
+    flag("loops", help_text="core applications S per forward pass (0 in the config = training S_max)",
+         type=positive_int)
+    flag("loop_policy", choices=list(LOOP_POLICIES))
     flag("min_loops", int)
     flag("loop_eps", float)
     flag("per_token_exit", action="store_true")
+    flag("codd", help_text="CoDD layer folder (from `loopdlm train-codd`) to couple tokens committed together")
+    flag("codd_tau", float)
+    flag("codd_gamma", float)
+    flag("codd_any_order", action="store_true")
 
 
-def sampler_spec_from_args(args, config) -> SamplerSpec:
+def sampler_spec_from_args(args, config) -> SamplerConfig:
     """The checkpoint config's sampler with every flag the user gave put over it; ConfigError (one line) when a
     value, e.g. one saved in an old checkpoint, is out of range."""
-    values = {f.name: getattr(config.sample, f.name) for f in dataclasses.fields(SamplerSpec)}
-    values.update({name: value for name, value in vars(args).items() if name in values and value is not None})
-    spec = SamplerSpec(**values)
-    spec.validate("sample.")
-    return spec
+    saved = SamplerConfig(**{f.name: getattr(config.sample, f.name) for f in dataclasses.fields(SamplerConfig)})
+    given = {name: value for name, value in vars(args).items() if name in SamplerConfig.FLAGS and value is not None}
+    sampler = saved.with_flags(**given)
+    sampler.validate("sample.")
+    return sampler
 
 
-def _coupling(args, loaded, spec: SamplerSpec, device):
-    """(transforms, selector wrapper) for --codd: the HMM prior coupling tokens committed in the same step."""
-    if args.codd is None:
-        return (), None
-    prior, layer = load_codd_layer(args.codd, loaded.model.config.vocab_size, loaded.tokenizer.fingerprint(), device)
-    options = dict(temperature=args.codd_tau, gamma=args.codd_gamma, window=layer["window"], seed=args.seed)
-    if args.codd_any_order:
-        return (), lambda inner: AnyOrderCoDDSelector(inner, prior, sampling_temperature=spec.temperature,
-                                                      top_p=spec.top_p, **options)
-    return (CoDDTransform(prior, **options),), None
-
-
-def _sample_block_diffusion(loaded, rows: list[list[int]], spec: SamplerSpec, block_size: int, new_tokens: int,
-                            args, generator, transforms, record_trace: bool):
-    """Block-by-block generation with the KV cache, past the training context if asked, stopping rows at EOS."""
-    config = loaded.config
-    return sample_blocks(loaded.model, rows, loaded.tokenizer.mask_id, loaded.tokenizer.eos_id, spec, new_tokens,
-                         block_size, context_window=config.data.seq_len, generator=generator, transforms=transforms,
-                         record_trace=record_trace)
+def checkpoint_decoder(loaded: LoadedModel, sampler: SamplerConfig, seed: int = 0) -> Decoder:
+    """`build_decoder` for a loaded checkpoint: its model, noise process, tokenizer and training context."""
+    tokenizer = loaded.tokenizer
+    return build_decoder(loaded.model, loaded.config.diffusion, sampler, tokenizer.mask_id,
+                         context=loaded.config.data.seq_len, tokenizer_fingerprint=tokenizer.fingerprint(), seed=seed)
 
 
 def register(subparsers) -> None:
@@ -106,13 +97,6 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default=None, help="write the prompts, samples, sampler and statistics as JSON to "
                         "this file (after the samples are printed)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.add_argument("--codd", default=None, help="CoDD layer folder (from `loopdlm train-codd`) to couple "
-                        "tokens committed together")
-    parser.add_argument("--codd-tau", type=positive_float, default=0.1, help="CoDD: temperature on the denoiser's q")
-    parser.add_argument("--codd-gamma", type=non_negative_float, default=0.5,
-                        help="CoDD: couple only below this mask ratio")
-    parser.add_argument("--codd-any-order", action="store_true",
-                        help="CoDD: commit a step's tokens one at a time from the exact HMM conditional")
     add_sampler_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -137,43 +121,33 @@ def run(args) -> None:
     loaded = load_pretrained(args.checkpoint, device, denoiser=True)
     tok, config = loaded.tokenizer, loaded.config
     spec = sampler_spec_from_args(args, config)
+    decoder = checkpoint_decoder(loaded, spec, args.seed)
     count = args.num_samples if args.num_samples is not None else config.sample.num_samples
     prompts = [tok.encode(p) for p in (args.prompt or [""])]
     rows = [ids for ids in prompts for _ in range(count)]
     longest = max(len(p) for p in prompts)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    transforms, wrap_selector = _coupling(args, loaded, spec, device)
     record_trace = bool(args.trace or args.html)
-    block_size = config.diffusion.block_size
+    codd = spec.codd.prior or None
     meta = {"title": "loopdlm denoising viewer", "checkpoint": str(loaded.path),
-            "prompts": [tok.decode(row) for row in rows], "sampler": vars(spec), "codd": args.codd}
-    block_diffusion = block_size is not None and block_size < config.data.seq_len
+            "prompts": [tok.decode(row) for row in rows], "sampler": spec.flags(), "codd": codd}
     length = args.length if args.length is not None else config.sample.length
-    new_tokens = new_token_count(length, longest, config.data.seq_len, past_context=block_diffusion)
-    if block_diffusion:
-        if wrap_selector is not None:
-            raise UserError("--codd-any-order is not available for block-diffusion generation; drop it")
-        result = _sample_block_diffusion(loaded, rows, spec, block_size, new_tokens, args, generator, transforms,
-                                         record_trace)
-        texts = [tok.decode(prompt + generated) for prompt, generated in zip(rows, result.sequences)]
+    new_tokens = new_token_count(length, longest, config.data.seq_len, past_context=decoder.past_context)
+    stop = (EosStop(tok.eos_id),) if tok.eos_id is not None else ()
+    result = decoder.continue_prompts(rows, new_tokens, tok.pad_id, stop, generator, record_trace)
+    texts = [tok.decode(prompt + generated) for prompt, generated in zip(rows, result.sequences)]
+    if decoder.past_context:
         meta["stop_reasons"] = result.stop_reasons
-        make_document = partial(block_trace_document, result.traces, result.prompt_padding, tok)
-    else:
-        canvas = prompt_canvas(rows, longest + new_tokens, tok.mask_id, tok.pad_id).to(device)
-        result = sample(loaded.model, canvas, tok.mask_id, spec, generator, record_trace=record_trace,
-                        transforms=transforms, wrap_selector=wrap_selector)
-        texts = [tok.decode(row.tolist()) for row in result.tokens]
-        # The prompts' left padding is never shown.
-        make_document = partial(trace_document, result.trace, tok, canvas.cpu() == tok.pad_id)
+    make_document = partial(continuation_document, result, tok)
     stats = result.stats.summary()
-    loops = spec.loops or loaded.model.config.max_loops
-    record = {"prompts": meta["prompts"], "samples": texts, "stats": stats, "sampler": {**vars(spec), "loops": loops},
-              "new_tokens": new_tokens}
+    loops = decoder.loops
+    record = {"prompts": meta["prompts"], "samples": texts, "stats": stats,
+              "sampler": {**spec.flags(), "loops": loops}, "new_tokens": new_tokens}
     if args.json:
         print(json.dumps(record))
     else:
         loops_per_pass = stats["core_applications"] / max(stats["row_forward_passes"], 1)
-        print(f"# sampler={spec.sampler} loops={loops} policy={spec.loop_policy} | {new_tokens} new tokens per "
+        print(f"# sampler={spec.sampler} loops={loops} policy={spec.loop.policy} | {new_tokens} new tokens per "
               f"sample in {stats['steps']} denoising steps, {stats['forward_passes']} forward passes, "
               f"{loops_per_pass:.2f} core applications per pass, {stats['tokens_per_s']:.0f} tokens/s")
         for index, text in enumerate(texts):
@@ -186,14 +160,15 @@ def run(args) -> None:
         raise UserError(f"{err}; the samples above are complete") from None
 
 
-def _write_side_files(args, record: dict, meta: dict, make_document, stats: dict, spec: SamplerSpec,
+def _write_side_files(args, record: dict, meta: dict, make_document, stats: dict, spec: SamplerConfig,
                       loops: int) -> None:
     """--out (the printed record), --trace (the decode as JSON) and --html (the page replaying it)."""
     if args.out:
         write_json(args.out, record)
     if make_document is not None:
         meta.update(samples=record["samples"], stats=stats, sampler_summary=f"sampler {spec.sampler}, steps "
-                    f"{stats['steps']}, loops {loops} ({spec.loop_policy})" + (f", CoDD {args.codd}" if args.codd else ""),
+                    f"{stats['steps']}, loops {loops} ({spec.loop.policy})"
+                    + (f", CoDD {meta['codd']}" if meta["codd"] else ""),
                     stats_summary=f"{stats['forward_passes']} forward passes, {stats['core_applications']:.1f} core "
                     f"applications per row, {stats['remasked']} re-masked")
         document = make_document(meta=meta)

@@ -34,14 +34,21 @@ def run(args) -> None:
 
 
 def config_rows():
-    """(section.key, type, default, meaning) for every field of every section of `RunConfig`."""
+    """(section.key, type, default, meaning) for every field of every section of `RunConfig` (nested groups, e.g.
+    sample.wino, list their keys as sample.wino.tau1)."""
     defaults = RunConfig()
     for section in dataclasses.fields(RunConfig):
-        values = getattr(defaults, section.name)
-        for spec in dataclasses.fields(values):
-            meaning = spec.metadata.get(HELP, "")
-            if CHECK in spec.metadata:
-                meaning += f" [{spec.metadata[CHECK]}]"
-            default = getattr(values, spec.name)
-            yield (f"{section.name}.{spec.name}", str(spec.type), "null" if default is None else
-                   yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n..."), meaning)
+        yield from _rows(section.name, getattr(defaults, section.name))
+
+
+def _rows(prefix: str, values):
+    for spec in dataclasses.fields(values):
+        default = getattr(values, spec.name)
+        if dataclasses.is_dataclass(default):
+            yield from _rows(f"{prefix}.{spec.name}", default)
+            continue
+        meaning = spec.metadata.get(HELP, "")
+        if CHECK in spec.metadata:
+            meaning += f" [{spec.metadata[CHECK]}]"
+        yield (f"{prefix}.{spec.name}", str(spec.type), "null" if default is None else
+               yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n..."), meaning)

@@ -1,6 +1,6 @@
 """A self-contained HTML page that replays a decode step by step (`loopdlm sample --html FILE`).
 
-The page's data is one JSON document (`trace_document` / `block_trace_document`), embedded in a
+The page's data is one JSON document (`trace_document` / `continuation_document`), embedded in a
 `<script type="application/json">` tag and replayed by plain inline JavaScript; no network, scripts or fonts from
 elsewhere. The same document is what `sample --trace FILE` writes. Format "loopdlm-denoising-trace/1":
 
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from loopdlm.errors import UserError
 from loopdlm.sampling.engine import DecodeTrace
-from loopdlm.sampling.long_generation import BlockTrace
+from loopdlm.sampling.long_generation import BlockTrace, Continuations
 
 FORMAT = "loopdlm-denoising-trace/1"
 _DATA_TAG = re.compile(r'<script type="application/json" id="trace-data">(.*?)</script>', re.DOTALL)
@@ -50,16 +50,14 @@ def trace_document(trace: DecodeTrace, tokenizer: PieceTokenizer, hidden: Tensor
     return _document([BlockTrace(list(range(trace.initial.shape[0])), trace)], hidden, tokenizer, meta)
 
 
-def block_trace_document(traces: list[BlockTrace], prompt_padding: Tensor, tokenizer: PieceTokenizer,
-                         meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The page document of a block-diffusion generation (`generate_long(record_trace=True)`): its blocks appear
-    one after another, and rows that stopped leave the page's later steps.
-
-    prompt_padding: bool [B, P], the prompt canvas's pad columns (`LongGenerationResult.prompt_padding`).
-    """
-    if not traces:
-        raise UserError("no block traces to show")
-    return _document(traces, prompt_padding, tokenizer, meta)
+def continuation_document(continuations: Continuations, tokenizer: PieceTokenizer,
+                          meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The page document of `Decoder.continue_prompts(..., record_trace=True)`: a canvas decode, or a
+    block-diffusion generation whose blocks appear one after another and whose stopped rows leave the later steps.
+    The prompts' left padding is never shown."""
+    if not continuations.traces:
+        raise UserError("no decode traces to show (decode with record_trace=True)")
+    return _document(continuations.traces, continuations.prompt_padding, tokenizer, meta)
 
 
 def _document(blocks: list[BlockTrace], hidden: Tensor | None, tokenizer: PieceTokenizer,

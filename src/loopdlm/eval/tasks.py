@@ -14,8 +14,7 @@ import torch
 from loopdlm.data.task_source import answer_canvas, encode_task
 from loopdlm.data.tasks import Example, Task, TokenizerLike, decode_answers
 from loopdlm.errors import UserError
-from loopdlm.models.transformer import LoopedTransformer
-from loopdlm.sampling import SamplerSpec, sample
+from loopdlm.sampling import Decoder
 
 
 @dataclass
@@ -55,9 +54,9 @@ class TaskAccuracy:
 
 
 @torch.no_grad()
-def task_accuracy(model: LoopedTransformer, tokenizer: TokenizerLike, task: Task, examples: list[Example],
-                  spec: SamplerSpec, batch_size: int = 64, seed: int = 0) -> TaskAccuracy:
-    """Solve `examples` with `model` under the sampler `spec` and verify each answer.
+def task_accuracy(decoder: Decoder, tokenizer: TokenizerLike, task: Task, examples: list[Example],
+                  batch_size: int = 64, seed: int = 0) -> TaskAccuracy:
+    """Solve `examples` with `decoder` (its model under its sampler, `Decoder.fill`) and verify each answer.
 
     Each row is `[left-padded prompt | A masks]` (the layout `finetune` trains on); the sampler fills the masks,
     the answer is read up to the first eos. Runs on the model's device; the sampler's generator is seeded from
@@ -65,13 +64,12 @@ def task_accuracy(model: LoopedTransformer, tokenizer: TokenizerLike, task: Task
 
     Args:
         tokenizer: must provide encode/decode, mask_id, pad_id and eos_id (the checkpoint's tokenizer).
-        spec: any sampler; spec.loops = 0 means the model's training S_max.
     """
     if not examples:
         raise UserError("no examples to evaluate")
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
+    model, device = decoder.model, decoder.device
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -82,8 +80,7 @@ def task_accuracy(model: LoopedTransformer, tokenizer: TokenizerLike, task: Task
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
             rows = encode_task(task, chunk, tokenizer)
-            result = sample(model, answer_canvas(rows, tokenizer.mask_id).to(device), tokenizer.mask_id, spec,
-                            generator)
+            result = decoder.fill(answer_canvas(rows, tokenizer.mask_id).to(device), generator)
             answers = decode_answers(result.tokens.cpu(), tokenizer, rows.prompt_len)
             predictions += answers
             correct += sum(task.verify(e.prompt, a) for e, a in zip(chunk, answers))
@@ -92,6 +89,6 @@ def task_accuracy(model: LoopedTransformer, tokenizer: TokenizerLike, task: Task
             wall += result.stats.wall_time
     finally:
         model.train(was_training)
-    return TaskAccuracy(task=task.name, loops=spec.loops, n=len(examples), correct=correct,
+    return TaskAccuracy(task=task.name, loops=decoder.sampler.loop.count, n=len(examples), correct=correct,
                         forward_passes=forward_passes, core_applications=core_total / len(examples),
                         wall_time=wall, predictions=predictions)

@@ -11,9 +11,9 @@ runs lm-eval's own command line with the same arguments.
 model_args: checkpoint (required); loops (S, 0 = training S_max); likelihood = mc (Monte-Carlo ELBO with
 mc_samples stratified draws) or chain_rule (deterministic); check_greedy (also run the chain rule in mc mode to
 answer is_greedy); score_batch (rows per likelihood forward pass); seed; device; use_ema; max_new_tokens; and
-every sampler field of `SamplerSpec` (sampler, steps, block_length, temperature, top_p, threshold, factor,
-eb_gamma, tau1, tau2, loop_policy, min_loops, loop_eps, per_token_exit, ...) for generate_until. lm-eval's
---batch_size is the number of prompts generated together.
+every sampler setting by its flag name (`SamplerConfig.FLAGS`: sampler, steps, block_length, temperature, top_p,
+threshold, factor, eb_gamma, tau1, tau2, loop_policy, min_loops, loop_eps, per_token_exit, codd, codd_tau, ...)
+for generate_until. lm-eval's --batch_size is the number of prompts generated together.
 """
 
 from __future__ import annotations
@@ -28,16 +28,17 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from loopdlm.commands.sample import sampler_spec_from_args
+from loopdlm.commands.sample import checkpoint_decoder, sampler_spec_from_args
 from loopdlm.errors import UserError
 from loopdlm.eval.continuation import ContinuationScore, ContinuationScorer
 from loopdlm.eval.generation import cut_at_stop_strings, generate_continuations
-from loopdlm.sampling import SamplerSpec
+from loopdlm.sampling import SamplerConfig
 from loopdlm.workflow import load_pretrained, resolve_device
 
 logger = logging.getLogger(__name__)
 LIKELIHOODS = ("mc", "chain_rule")
-SAMPLER_FIELDS = {f.name: f.type for f in dataclasses.fields(SamplerSpec)}
+SAMPLER_FIELDS = {name: type(getattr(*SamplerConfig().field_owner(path))).__name__
+                  for name, path in SamplerConfig.FLAGS.items()}
 #: lm-eval's default when a task sets no max_gen_toks
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -51,7 +52,7 @@ def _as_bool(value) -> bool:
 
 
 def _typed(name: str, value, kind: str):
-    """Coerce a model_args value (lm-eval passes strings or guessed types) to the SamplerSpec field type."""
+    """Coerce a model_args value (lm-eval passes strings or guessed types) to the sampler setting's type."""
     try:
         return {"int": int, "float": float, "bool": _as_bool, "str": str}[kind](value)
     except (TypeError, ValueError):
@@ -88,7 +89,7 @@ class LoopDLMEval(LM):
         given = {name: _typed(name, value, SAMPLER_FIELDS[name]) for name, value in sampler_args.items()}
         self.temperature_given = "temperature" in given
         self.spec = sampler_spec_from_args(SimpleNamespace(loops=int(loops) or None, **given), config)
-        self.loops = self.spec.loops or self.loaded.model.config.max_loops
+        self.loops = checkpoint_decoder(self.loaded, self.spec).loops
         self.likelihood = likelihood
         self.mc_samples = int(mc_samples)
         self.check_greedy = _as_bool(check_greedy)
@@ -145,7 +146,7 @@ class LoopDLMEval(LM):
         return [s.log_likelihood for s in scores]
 
     # ------------------------------------------------------------------------------------------- generation
-    def _request_spec(self, gen_kwargs: dict) -> SamplerSpec:
+    def _request_spec(self, gen_kwargs: dict) -> SamplerConfig:
         """The sampler for one request: its temperature (do_sample=False -> 0) unless model_args fixed one."""
         if self.temperature_given:
             return self.spec
@@ -166,16 +167,16 @@ class LoopDLMEval(LM):
             length = self.max_new_tokens or int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
             spec = self._request_spec(gen_kwargs)
             settings.append((until, length, spec))
-            groups.setdefault((until, length, tuple(vars(spec).items())), []).append(index)
+            groups.setdefault((until, length, tuple(spec.flags().items())), []).append(index)
         outputs = [""] * len(requests)
         generator = torch.Generator(device=self._device).manual_seed(self.seed)
         for indices in groups.values():
             until, length, spec = settings[indices[0]]
+            decoder = checkpoint_decoder(self.loaded, spec, self.seed)
             for start in range(0, len(indices), self.generation_batch):
                 chunk = indices[start:start + self.generation_batch]
                 prompts = [self.tokenizer.encode(requests[i].args[0]) for i in chunk]
-                result = generate_continuations(self.loaded.model, self.tokenizer, prompts, spec, length,
-                                                self.context, self.block_size, until, generator)
+                result = generate_continuations(decoder, self.tokenizer, prompts, length, until, generator)
                 for i, ids in zip(chunk, result.sequences):
                     outputs[i] = cut_at_stop_strings(self.tokenizer.decode(ids), until)
                 self._count_generation(result)
@@ -197,7 +198,7 @@ class LoopDLMEval(LM):
         stderr = {"mean": sum(self._stderrs) / len(self._stderrs), "max": max(self._stderrs)} if self._stderrs else {}
         return {"loopdlm": {
             "checkpoint": str(self.loaded.path), "loops": self.loops, "likelihood": self.likelihood,
-            "mc_samples": self.mc_samples, "block_size": self.block_size, "sampler": vars(self.spec),
+            "mc_samples": self.mc_samples, "block_size": self.block_size, "sampler": self.spec.flags(),
             "likelihood_stats": self.scorer.stats.as_dict(), "loglikelihood_stderr": stderr,
             "generation_stats": generation,
         }}

@@ -1,5 +1,5 @@
 """Denoiser networks: plain and looped bidirectional transformers."""
 
-from loopdlm.models.transformer import DenoiserOutput, LoopedTransformer, LoopExit, ModelConfig
+from loopdlm.models.transformer import LoopedTransformer, LoopExit, ModelConfig, TransformerOutput
 
-__all__ = ["DenoiserOutput", "LoopExit", "LoopedTransformer", "ModelConfig"]
+__all__ = ["LoopExit", "LoopedTransformer", "ModelConfig", "TransformerOutput"]

@@ -131,7 +131,7 @@ class LoopExit(Protocol):
 
 
 @dataclass
-class DenoiserOutput:
+class TransformerOutput:
     """What one forward pass returns.
 
     logits: [B, L, V] float; loop_hidden: core outputs after each loop, each [B, L, D] (only when requested);
@@ -195,7 +195,7 @@ class LoopedTransformer(nn.Module):
         return_hidden: bool = False,
         loop_exit: LoopExit | None = None,
         return_loop_logits: bool = False,
-    ) -> DenoiserOutput:
+    ) -> TransformerOutput:
         """Run the stack with the core applied `loops` times.
 
         Args:
@@ -278,7 +278,7 @@ class LoopedTransformer(nn.Module):
         logits = self._read_out(h, apply)
         if return_loop_logits:
             loop_logits.append(logits)
-        return DenoiserOutput(logits=logits, core_applications=core_applications, loop_hidden=loop_hidden,
+        return TransformerOutput(logits=logits, core_applications=core_applications, loop_hidden=loop_hidden,
                               loop_logits=loop_logits, present=present)
 
     def _loop_input(self, h: Tensor, prelude_out: Tensor, loop: int) -> Tensor:

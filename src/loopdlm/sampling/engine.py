@@ -1,8 +1,8 @@
 """The one denoising loop every sampler shares.
 
 A sampler is three strategy objects over this loop:
-  * a `Denoiser` says what distribution to read (plain model, looped model with a loop policy, KV-cached block
-    diffusion, a WINO shadow block, ...);
+  * a `WindowPredictor` says what distribution to read: the network's p_theta(x_0 | x_t) over the window being
+    decoded (full sequence, KV-cached block diffusion, with or without a WINO shadow block; predictors.py);
   * optional `LogitTransform`s reshape that distribution (e.g. CoDD's HMM coupling);
   * a `Selector` says which masked slots to commit (and, for revokable decoding, which to re-mask).
 The loop walks the generation region window by window (semi-autoregressive blocks; one window = the whole region
@@ -22,21 +22,22 @@ from loopdlm.errors import UserError
 
 
 @dataclass
-class DenoiserOutputs:
-    """Log-probabilities for a window: log_probs float32 [B, W, V] (mask token at -inf), core_applications
-    float [B] (loop evaluations this pass), extras (e.g. 'shadow_log_probs' for revokable decoding), loops: the S
-    this pass was run with (an adaptive policy's cap; 0 when the denoiser has no loop policy)."""
+class WindowPrediction:
+    """One forward pass's prediction for a window: log_probs float32 [B, W, V] (mask token at -inf),
+    core_applications float [B] (loop evaluations this pass), loops: the S this pass was run with (an adaptive
+    policy's cap; 0 when the predictor has no loop policy), shadow_log_probs float32 [B, W, V] or None: a second
+    opinion on each window slot made without seeing its token (WINO's shadow block, `wino.ShadowBlock`)."""
 
     log_probs: Tensor
     core_applications: Tensor
-    extras: dict[str, Tensor] = field(default_factory=dict)
     loops: int = 0
+    shadow_log_probs: Tensor | None = None
 
 
-class Denoiser(Protocol):
+class WindowPredictor(Protocol):
     """What the loop reads: p_theta(x_0 | x_t) for one window of positions."""
 
-    def __call__(self, tokens: Tensor, window: slice, progress: float) -> DenoiserOutputs:
+    def __call__(self, tokens: Tensor, window: slice, progress: float) -> WindowPrediction:
         """tokens int64 [B, L] (current x_t); window: the positions being decoded; progress in [0, 1]: fraction of
         the generation region already committed (lets loop policies schedule depth)."""
 
@@ -69,7 +70,7 @@ class StepContext:
     step: int
     window_masked_at_start: Tensor
     generator: torch.Generator | None
-    extras: dict[str, Tensor]
+    shadow_log_probs: Tensor | None = None
 
 
 @dataclass
@@ -131,7 +132,7 @@ class TraceStep:
     tokens int64 [B, L]: x_t after the step; committed bool [B, L]: slots filled this step; confidence float32
     [B, L]: probability of each committed token under the distribution it was drawn from (after logit transforms;
     0 where nothing was committed); remasked bool [B, L]: committed slots revoked this step (WINO); window: the
-    columns being decoded; loops: the S of the forward pass the step read (see `DenoiserOutputs.loops`);
+    columns being decoded; loops: the S of the forward pass the step read (see `WindowPrediction.loops`);
     forward_pass: False when the step reused the previous pass because x_t had not changed; core_applications
     float [B]: loop evaluations run for each row in this step (0 for a reused pass or a row with nothing left).
     """
@@ -193,8 +194,16 @@ def _nucleus(log_probs: Tensor, top_p: float) -> Tensor:
     return log_probs.masked_fill(drop, float("-inf"))
 
 
+def generation_region(tokens: Tensor, mask_id: int) -> slice:
+    """The columns a decode of `tokens` (int64 [B, L]) walks: from the first column masked in any row to the end;
+    an empty slice at L when nothing is masked."""
+    masked_columns = (tokens == mask_id).any(dim=0).nonzero()
+    length = tokens.shape[1]
+    return slice(int(masked_columns[0]) if len(masked_columns) else length, length)
+
+
 def generate(
-    denoiser: Denoiser,
+    predictor: WindowPredictor,
     tokens: Tensor,
     selector: Selector,
     mask_id: int,
@@ -216,7 +225,7 @@ def generate(
         block_length: decode the region [first masked column, L) in windows of this many columns, left to right
             (semi-autoregressive); 0 = one window over that whole region.
         reuse_unchanged: skip the forward pass when x_t has not changed since the last one (valid because the
-            denoiser is time-independent); forward_passes then counts passes actually run.
+            predictor is time-independent); forward_passes then counts passes actually run.
         max_steps_per_window: iteration guard; defaults to the selector's `steps` (if any) + 4 * window + 16.
         align_windows: windows are [k * block_length, (k+1) * block_length) in absolute columns (block diffusion's
             blocks, aligned at 0) instead of starting at the first masked column (LLaDA's semi-AR blocks).
@@ -229,7 +238,7 @@ def generate(
     editable = tokens == mask_id
     if not editable.any():
         raise UserError("nothing to generate: the input has no masked slots")
-    first = int(editable.any(dim=0).nonzero()[0])
+    first = generation_region(tokens, mask_id).start
     width = block_length if block_length > 0 else length - first
     if align_windows:
         if block_length <= 0:
@@ -243,12 +252,12 @@ def generate(
 
     for start in range(first, length, width):
         window = slice(start, min(start + width, length))
-        denoiser.begin_window(tokens, window)
+        predictor.begin_window(tokens, window)
         win_editable = editable[:, window]
         masked_at_start = (tokens[:, window] == mask_id).sum(dim=1)
         selector.start_window(masked_at_start)
         guard = max_steps_per_window or getattr(selector, "steps", 0) + 4 * (window.stop - window.start) + 16
-        cached: DenoiserOutputs | None = None
+        cached: WindowPrediction | None = None
         step = 0
         while (tokens[:, window] == mask_id).any():
             if step >= guard:
@@ -256,7 +265,7 @@ def generate(
             forward_pass = cached is None or not reuse_unchanged
             if forward_pass:
                 progress = float(1 - (tokens == mask_id).sum() / total_editable)
-                cached = denoiser(tokens, window, progress)
+                cached = predictor(tokens, window, progress)
                 stats.forward_passes += 1
                 has_masks = (tokens[:, window] == mask_id).any(dim=1)
                 stats.row_forward_passes += has_masks.long()
@@ -272,7 +281,8 @@ def generate(
             confidence = log_probs.gather(-1, candidates[..., None]).squeeze(-1).exp()
             ctx = StepContext(tokens=window_tokens, log_probs=log_probs, candidates=candidates,
                               confidence=confidence, selectable=selectable, editable=win_editable, step=step,
-                              window_masked_at_start=masked_at_start, generator=generator, extras=cached.extras)
+                              window_masked_at_start=masked_at_start, generator=generator,
+                              shadow_log_probs=cached.shadow_log_probs)
             decision = selector.select(ctx)
             commit = decision.commit & selectable
             chosen = decision.tokens if decision.tokens is not None else candidates
@@ -291,7 +301,7 @@ def generate(
                 trace.steps.append(_trace_step(tokens, window, commit, chosen_confidence, remask, pass_loops,
                                                forward_pass, step_core if forward_pass else None))
             step += 1
-        denoiser.end_window(tokens, window)
+        predictor.end_window(tokens, window)
 
     stats.wall_time = time.perf_counter() - start_time
     return SampleResult(tokens=tokens, stats=stats, trace=trace)

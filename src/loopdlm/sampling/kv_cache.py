@@ -1,4 +1,4 @@
-"""Block KV cache for block-diffusion (BD3-LM) sampling, and the denoisers that read it.
+"""Block KV cache for block-diffusion (BD3-LM) sampling, and the window predictors that read it.
 
 Blocks of L' columns (aligned at column 0) are decoded left to right. The clean prefix is run once, its keys and
 values are cached per layer application (layer, loop), and every denoising step runs only the current block
@@ -19,12 +19,10 @@ import torch
 from torch import Tensor
 
 from loopdlm.diffusion.block import block_causal_mask
-from loopdlm.diffusion.masked import subs_log_probs
 from loopdlm.errors import UserError
 from loopdlm.models.layers import PastKV
 from loopdlm.models.transformer import LayerSlot, LoopedTransformer
-from loopdlm.sampling.engine import DenoiserOutputs
-from loopdlm.sampling.loops import FixedLoops
+from loopdlm.sampling.predictors import ForwardLayout, NetworkPredictor
 
 
 @dataclass
@@ -164,13 +162,13 @@ def padding_validity(padding: Tensor | None, start: int, stop: int) -> Tensor | 
     return valid
 
 
-class CachedBlockDenoiser:
-    """Block-diffusion denoiser over a KV cache (the engine's `Denoiser` protocol; use `align_windows=True`).
+class CachedBlockPredictor(NetworkPredictor):
+    """Block-diffusion predictor over a KV cache (the engine's `WindowPredictor` protocol; use `align_windows=True`).
 
     begin_window caches every clean block before the window (prompt blocks too), sliding the cache when a context
     window is set; __call__ runs only the window's tokens at their positions against the cache; end_window runs the
     committed block once, clean, and appends its keys/values. With a fixed loop count this equals
-    `UncachedBlockDenoiser` up to float rounding; with a varying S the prefix stays at `commit_loops` depth, and an
+    `UncachedBlockPredictor` up to float rounding; with a varying S the prefix stays at `commit_loops` depth, and an
     adaptive exit rule sees only the window's hidden states.
 
     Args:
@@ -185,9 +183,7 @@ class CachedBlockDenoiser:
 
     def __init__(self, model: LoopedTransformer, mask_id: int, loop_policy=None, block_size: int = 16,
                  cache_options: CacheOptions | None = None, padding: Tensor | None = None):
-        self.model = model
-        self.mask_id = mask_id
-        self.loop_policy = loop_policy or FixedLoops(1)
+        super().__init__(model, mask_id, loop_policy)
         self.block_size = block_size
         self.options = cache_options or CacheOptions()
         window = self.options.context_window
@@ -242,7 +238,7 @@ class CachedBlockDenoiser:
             raise UserError(f"block-diffusion windows must be whole blocks of {self.block_size} aligned at column 0 "
                             f"(got columns {window.start}..{window.stop}); pass align_windows=True to generate")
         if self.end > window.start:
-            raise UserError("this cache already holds columns past the window; use a fresh denoiser per canvas")
+            raise UserError("this cache already holds columns past the window; use a fresh predictor per canvas")
         if (tokens[:, self.end:window.start] == self.mask_id).any():
             raise UserError("block diffusion decodes left to right: the prefix before a window has masked slots")
         context = self.options.context_window
@@ -252,17 +248,14 @@ class CachedBlockDenoiser:
             self._commit(tokens, self.end, min(window.start, self.end + room - room % self.block_size))
         self._make_room(window.stop - window.start)
 
-    @torch.no_grad()
-    def __call__(self, tokens: Tensor, window: slice, progress: float) -> DenoiserOutputs:
-        """tokens int64 [B, N] -> SUBS log-probs float32 [B, W, V] of the window, computed against the cache."""
-        loops = self.loop_policy.loops_for(progress)
+    def layout(self, tokens: Tensor, window: slice, loops: int) -> ForwardLayout:
+        """Only the window's tokens (canvas int64 [B, N]), at their positions, against the cache."""
         if self.cache.length and not self.cache.serves(loops):
             raise UserError(f"the cache was committed with {self.cache.loops} loops; this step asks for {loops}")
         mask = attention_mask(None, self.cache.length, self._key_valid(window.start, window.stop))
-        out = self.model(tokens[:, window], loops=loops, position_ids=self._positions(window.start, window.stop,
-                         tokens.device), attn_mask=mask, past=self._past(), loop_exit=self.loop_policy.exit_rule)
-        return DenoiserOutputs(log_probs=subs_log_probs(out.logits, self.mask_id),
-                               core_applications=out.core_applications, loops=loops)
+        return ForwardLayout(inputs=tokens[:, window], position_ids=self._positions(window.start, window.stop,
+                             tokens.device), attn_mask=mask, window=slice(0, window.stop - window.start),
+                             past=self._past(), past_length=self.cache.length)
 
     def end_window(self, tokens: Tensor, window: slice) -> None:
         """Append the committed window's clean keys/values."""
@@ -275,34 +268,25 @@ class CachedBlockDenoiser:
             self.padding = self.padding.index_select(0, index)
 
 
-class UncachedBlockDenoiser:
-    """Reference block-diffusion denoiser: every call recomputes prefix + current block with the block-causal mask
-    (the prefix at the step's S). Same `Denoiser` protocol and arguments as `CachedBlockDenoiser` (no cache options);
-    with a fixed loop count both give the same log-probs up to float rounding."""
+class UncachedBlockPredictor(NetworkPredictor):
+    """Reference block-diffusion predictor: every call recomputes prefix + current block with the block-causal mask
+    (the prefix at the step's S). Same protocol and arguments as `CachedBlockPredictor` (no cache options); with a
+    fixed loop count both give the same log-probs up to float rounding."""
 
     def __init__(self, model: LoopedTransformer, mask_id: int, loop_policy=None, block_size: int = 16,
                  padding: Tensor | None = None):
-        self.model = model
-        self.mask_id = mask_id
-        self.loop_policy = loop_policy or FixedLoops(1)
+        super().__init__(model, mask_id, loop_policy)
         self.block_size = block_size
         self.padding = padding
 
-    @torch.no_grad()
-    def __call__(self, tokens: Tensor, window: slice, progress: float) -> DenoiserOutputs:
-        """tokens int64 [B, N] -> SUBS log-probs float32 [B, W, V] of the window."""
+    def layout(self, tokens: Tensor, window: slice, loops: int) -> ForwardLayout:
+        """The canvas (int64 [B, N]) up to the window's end under the block-causal mask."""
         columns = torch.arange(window.stop, device=tokens.device)
         mask = attention_mask(block_causal_mask(columns, columns, self.block_size), 0,
                               padding_validity(self.padding, 0, window.stop))
-        loops = self.loop_policy.loops_for(progress)
-        out = self.model(tokens[:, :window.stop], loops=loops, attn_mask=mask, loop_exit=self.loop_policy.exit_rule)
-        return DenoiserOutputs(log_probs=subs_log_probs(out.logits[:, window], self.mask_id),
-                               core_applications=out.core_applications, loops=loops)
+        return ForwardLayout(inputs=tokens[:, :window.stop], position_ids=None, attn_mask=mask, window=window)
 
     def begin_window(self, tokens: Tensor, window: slice) -> None:
         if window.start % self.block_size or window.stop - window.start > self.block_size:
             raise UserError(f"block-diffusion windows must be whole blocks of {self.block_size} aligned at column 0; "
                             "pass align_windows=True to generate")
-
-    def end_window(self, tokens: Tensor, window: slice) -> None:
-        pass

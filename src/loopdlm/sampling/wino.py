@@ -12,9 +12,9 @@ without looking at it:
   the least supported first.
 
 Draft and verify read the same forward pass. Earlier windows are final. Rows of a batch progress independently
-(the reference, Feng-Hong/WINO-DLLM, runs one sequence at a time). `WinoDenoiser` runs the whole sequence each
-step (LLaDA-style semi-autoregressive blocks); `CachedWinoDenoiser` runs only the window and its shadow against a
-block-diffusion KV cache.
+(the reference, Feng-Hong/WINO-DLLM, runs one sequence at a time). `ShadowBlock` adds the shadow block to any
+network predictor's pass: the full sequence (LLaDA-style semi-autoregressive blocks) or a block-diffusion window
+against its KV cache (the shadow slots then see the cache as their twin window slots do).
 
 Bound: a window with W masked slots finishes in at most W steps, because each step's re-masks are at most the
 previous step's accepts minus one (so the decoded count grows by at least one per step); the engine's guard is
@@ -31,140 +31,85 @@ import torch
 from torch import Tensor
 
 from loopdlm.diffusion.masked import subs_log_probs
-from loopdlm.errors import UserError
-from loopdlm.models.transformer import LoopedTransformer
-from loopdlm.sampling.engine import Decision, DenoiserOutputs, StepContext
-from loopdlm.sampling.kv_cache import CachedBlockDenoiser
-from loopdlm.sampling.loops import FixedLoops
+from loopdlm.sampling.engine import Decision, StepContext, WindowPrediction
+from loopdlm.sampling.predictors import ForwardLayout, NetworkPredictor
 from loopdlm.sampling.selectors import top_k_mask
 
-#: Key of the shadow block's log-probs, float32 [B, W, V], in `DenoiserOutputs.extras` / `StepContext.extras`.
-SHADOW_LOG_PROBS = "shadow_log_probs"
 
+def shadow_block_mask(base: Tensor | None, window: slice, rows: int, past: int = 0,
+                      device: torch.device | str | None = None) -> Tensor:
+    """The WINO attention of a pass whose `rows` inputs (after `past` cached keys) gain a shadow block of W slots.
 
-def wino_may_attend(query: Tensor, key: Tensor, length: int, window: slice, base: Tensor | None = None) -> Tensor:
-    """The WINO attention predicate on index tensors of the extended layout [sequence (L) | shadow block (W)].
-
-    * a sequence row never sees a shadow column; between sequence positions it follows `base` (all True when
-      omitted, i.e. a bidirectional model);
+    * an input row never sees a shadow column; otherwise it keeps its `base` row;
     * a shadow row sees every shadow column;
-    * shadow row i sees what window row i would see in the sequence, except window column i itself.
+    * shadow row i sees what input row window.start + i sees, except that row's own column.
 
     Args:
-        query, key: int64 index tensors of any broadcastable shapes, values in [0, L + W).
-        length: L, the sequence length.
-        window: the current window [start, stop) of the sequence; W = stop - start.
-        base: optional bool [L, L], the sequence-to-sequence attention of the wrapped model (True = attend).
+        base: bool [..., rows, past + rows], the pass's own attention (True = may attend); None = all True.
+        window: the input rows being decoded [start, stop); W = stop - start.
     Returns:
-        bool tensor of the broadcast shape, True where `query` may attend `key`.
+        bool [..., rows + W, past + rows + W] (leading dims as `base`; none when base is None).
     """
-    query_is_shadow, key_is_shadow = query >= length, key >= length
-    # A shadow row reads the sequence as its twin window row would: map it onto that row.
-    twin = torch.where(query_is_shadow, query - length + window.start, query)
     if base is None:
-        sequence_rule = torch.ones_like(twin, dtype=torch.bool) & torch.ones_like(key, dtype=torch.bool)
-    else:
-        sequence_rule = base[twin.clamp(max=length - 1), key.clamp(max=length - 1)]
-    blind_to_own_token = query_is_shadow & (key == twin)
-    return torch.where(key_is_shadow, query_is_shadow, sequence_rule & ~blind_to_own_token)
+        base = torch.ones(rows, past + rows, dtype=torch.bool, device=device)
+    width = window.stop - window.start
+    twin = base[..., window, :].clone()
+    slot = torch.arange(width, device=base.device)
+    twin[..., slot, past + window.start + slot] = False
+    top = torch.cat((base, base.new_zeros(*base.shape[:-1], width)), dim=-1)
+    bottom = torch.cat((twin, base.new_ones(*twin.shape[:-1], width)), dim=-1)
+    return torch.cat((top, bottom), dim=-2)
 
 
-def wino_attention_mask(length: int, window: slice, base: Tensor | None = None,
-                        device: torch.device | str | None = None) -> Tensor:
-    """Dense bool mask [L + W, L + W] of `wino_may_attend` (True = may attend), for SDPA's `attn_mask`.
-
-    A KV-cached caller whose first P positions are cached uses rows [P:] of it (keys stay in full order).
-    """
-    total = length + window.stop - window.start
-    index = torch.arange(total, device=device if base is None else base.device)
-    return wino_may_attend(index[:, None], index[None, :], length, window, base)
+def shadow_position_ids(position_ids: Tensor, window: slice) -> Tensor:
+    """Positions [1, I] of a pass's inputs -> [1, I + W]: the shadow block reuses the window rows' positions."""
+    return torch.cat((position_ids, position_ids[:, window]), dim=1)
 
 
-def wino_position_ids(length: int, window: slice, device: torch.device | str | None = None) -> Tensor:
-    """Positions [1, L + W]: 0..L-1 for the sequence, then the window's own positions for the shadow block."""
-    shadow = torch.arange(window.start, window.stop, device=device)
-    return torch.cat((torch.arange(length, device=device), shadow))[None]
+class ShadowBlock:
+    """Wraps a network predictor (full sequence or KV-cached block) so that its one forward pass also predicts a
+    shadow block: W mask tokens at the window's positions, slot i blind to the token now at window column i.
 
-
-class WinoDenoiser:
-    """Full-sequence denoiser with a WINO shadow block: one forward pass returns the window's log-probs and, in
-    `extras[SHADOW_LOG_PROBS]`, the shadow block's log-probs (float32 [B, W, V], mask token at -inf).
-
-    The sequence rows cannot see the shadow block, so `log_probs` equal `ModelDenoiser`'s up to float rounding.
-    loop_policy decides S and an optional early exit exactly as for `ModelDenoiser` (the exit rule then also
-    measures the shadow rows' hidden states; per-token core applications average over sequence and shadow rows).
+    Returns the wrapped predictor's prediction with `shadow_log_probs` (float32 [B, W, V], mask token at -inf). The
+    input rows cannot see the shadow block, so `log_probs` equal the wrapped predictor's up to float rounding. Its
+    loop policy decides S and an optional early exit as before (the exit rule then also measures the shadow rows'
+    hidden states; per-token core applications average over input and shadow rows).
     """
 
-    def __init__(self, model: LoopedTransformer, mask_id: int, loop_policy=None):
-        self.model = model
-        self.mask_id = mask_id
-        self.loop_policy = loop_policy or FixedLoops(1)
-        self._layout_key: tuple | None = None
-        self._layout: tuple[Tensor, Tensor] | None = None
+    def __init__(self, inner: NetworkPredictor):
+        self.inner = inner
+
+    @torch.no_grad()
+    def __call__(self, tokens: Tensor, window: slice, progress: float) -> WindowPrediction:
+        """tokens int64 [B, L] -> WindowPrediction(log_probs [B, W, V], shadow_log_probs [B, W, V])."""
+        inner = self.inner
+        loops = inner.loop_policy.loops_for(progress)
+        layout = inner.layout(tokens, window, loops)
+        batch, rows = layout.inputs.shape
+        width = window.stop - window.start
+        positions = layout.position_ids
+        if positions is None:
+            positions = torch.arange(rows, device=tokens.device)[None]
+        mask = shadow_block_mask(layout.attn_mask, layout.window, rows, layout.past_length, tokens.device)
+        shadow = torch.full((batch, width), inner.mask_id, dtype=tokens.dtype, device=tokens.device)
+        extended = ForwardLayout(inputs=torch.cat((layout.inputs, shadow), dim=1),
+                                 position_ids=shadow_position_ids(positions, layout.window),
+                                 attn_mask=mask if layout.attn_mask is not None else mask[None, None],
+                                 window=layout.window, past=layout.past, past_length=layout.past_length)
+        out = inner.run(extended, loops)
+        return WindowPrediction(log_probs=subs_log_probs(out.logits[:, layout.window], inner.mask_id),
+                                core_applications=out.core_applications, loops=loops,
+                                shadow_log_probs=subs_log_probs(out.logits[:, rows:], inner.mask_id))
 
     def begin_window(self, tokens: Tensor, window: slice) -> None:
-        pass
+        self.inner.begin_window(tokens, window)
 
     def end_window(self, tokens: Tensor, window: slice) -> None:
-        pass
+        self.inner.end_window(tokens, window)
 
-    def _window_layout(self, tokens: Tensor, window: slice) -> tuple[Tensor, Tensor]:
-        """Attention mask [1, 1, L+W, L+W] and position ids [1, L+W], built once per (length, window, device)."""
-        key = (tokens.shape[1], window.start, window.stop, tokens.device)
-        if key != self._layout_key:
-            mask = wino_attention_mask(tokens.shape[1], window, device=tokens.device)[None, None]
-            self._layout = (mask, wino_position_ids(tokens.shape[1], window, tokens.device))
-            self._layout_key = key
-        return self._layout
-
-    @torch.no_grad()
-    def __call__(self, tokens: Tensor, window: slice, progress: float) -> DenoiserOutputs:
-        """tokens int64 [B, L] -> DenoiserOutputs(log_probs [B, W, V], extras {SHADOW_LOG_PROBS: [B, W, V]})."""
-        attn_mask, position_ids = self._window_layout(tokens, window)
-        batch, length = tokens.shape
-        shadow = torch.full((batch, window.stop - window.start), self.mask_id, dtype=tokens.dtype,
-                            device=tokens.device)
-        loops = self.loop_policy.loops_for(progress)
-        out = self.model(torch.cat((tokens, shadow), dim=1), loops=loops, position_ids=position_ids,
-                         attn_mask=attn_mask, loop_exit=self.loop_policy.exit_rule)
-        return DenoiserOutputs(log_probs=subs_log_probs(out.logits[:, window], self.mask_id),
-                               core_applications=out.core_applications,
-                               extras={SHADOW_LOG_PROBS: subs_log_probs(out.logits[:, length:], self.mask_id)},
-                               loops=loops)
-
-
-class CachedWinoDenoiser(CachedBlockDenoiser):
-    """WINO over a block-diffusion KV cache (use `align_windows=True` in `generate`): each step runs the window's W
-    tokens plus the W shadow slots against the cached clean prefix, in one pass.
-
-    In the local layout [cache (P) | window (W) | shadow (W)] the attention is `wino_may_attend` with the window as
-    the "sequence" tail: window rows see the cache and the window; shadow row i sees the cache, the window except
-    column i, and the shadow block; cached pad columns stay invisible to every row. Caching, sliding and committing
-    are those of `CachedBlockDenoiser` (same arguments); committed blocks never see a shadow block.
-    """
-
-    @torch.no_grad()
-    def __call__(self, tokens: Tensor, window: slice, progress: float) -> DenoiserOutputs:
-        """tokens int64 [B, N] -> DenoiserOutputs(log_probs [B, W, V], extras {SHADOW_LOG_PROBS: [B, W, V]})."""
-        loops = self.loop_policy.loops_for(progress)
-        if self.cache.length and not self.cache.serves(loops):
-            raise UserError(f"the cache was committed with {self.cache.loops} loops; this step asks for {loops}")
-        batch, width, cached = tokens.shape[0], window.stop - window.start, self.cache.length
-        rule = wino_attention_mask(cached + width, slice(cached, cached + width), device=tokens.device)[cached:]
-        attn_mask = rule[None, None]
-        key_valid = self._key_valid(window.start, window.stop)
-        if key_valid is not None:
-            shadow_valid = torch.ones(batch, width, dtype=torch.bool, device=tokens.device)
-            attn_mask = attn_mask & torch.cat((key_valid, shadow_valid), dim=1)[:, None, None, :]
-        positions = self._positions(window.start, window.stop, tokens.device)
-        shadow = torch.full((batch, width), self.mask_id, dtype=tokens.dtype, device=tokens.device)
-        out = self.model(torch.cat((tokens[:, window], shadow), dim=1), loops=loops,
-                         position_ids=torch.cat((positions, positions), dim=1), attn_mask=attn_mask,
-                         past=self._past(), loop_exit=self.loop_policy.exit_rule)
-        return DenoiserOutputs(log_probs=subs_log_probs(out.logits[:, :width], self.mask_id),
-                               core_applications=out.core_applications,
-                               extras={SHADOW_LOG_PROBS: subs_log_probs(out.logits[:, width:], self.mask_id)},
-                               loops=loops)
+    def select_rows(self, index: Tensor) -> None:
+        """Continue with rows `index` (int64 [B']) only (a KV-cached predictor drops the others' cache)."""
+        self.inner.select_rows(index)
 
 
 def accept_cap(masked: Tensor, fraction: float = 0.7, low: int = 5, high: int = 20) -> Tensor:
@@ -191,8 +136,8 @@ def verify_mask(shadow_confidence: Tensor, decoded: Tensor, tau2: float, limit: 
 
 
 class WinoSelector:
-    """WINO's draft-and-verify rule (see the module docstring); needs a denoiser that fills
-    `extras[SHADOW_LOG_PROBS]` (e.g. `WinoDenoiser`).
+    """WINO's draft-and-verify rule (see the module docstring); needs a predictor that returns
+    `shadow_log_probs` (a `ShadowBlock`).
 
     Args:
         tau1: draft threshold (reference: 0.6 for GSM8K, 0.7 for MATH and code).
@@ -215,15 +160,15 @@ class WinoSelector:
         self._last_accepted = masked_counts.clone()
 
     def select(self, ctx: StepContext) -> Decision:
-        if SHADOW_LOG_PROBS not in ctx.extras:
-            raise ValueError("WinoSelector needs a denoiser that returns shadow log-probs (use WinoDenoiser)")
+        if ctx.shadow_log_probs is None:
+            raise ValueError("WinoSelector needs a predictor that returns shadow log-probs (wrap it in ShadowBlock)")
         cap = accept_cap(ctx.selectable.sum(dim=1), self.accept_fraction, self.min_accept, self.max_accept)
         commit = draft_mask(ctx.confidence, ctx.selectable, self.tau1, cap)
         accepted = commit.sum(dim=1)
 
         # Judge the tokens decoded before this step; the shadow block saw them all but each slot not its own.
         decoded = ctx.editable & ~ctx.selectable
-        shadow_confidence = ctx.extras[SHADOW_LOG_PROBS].gather(-1, ctx.tokens[..., None]).squeeze(-1).exp()
+        shadow_confidence = ctx.shadow_log_probs.gather(-1, ctx.tokens[..., None]).squeeze(-1).exp()
         limit = torch.where(accepted > 1, self._last_accepted - 1, torch.zeros_like(accepted))
         remask = verify_mask(shadow_confidence, decoded, self.tau2, limit)
         self._last_accepted = accepted

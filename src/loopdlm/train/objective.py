@@ -1,7 +1,7 @@
 """What the trainer optimises: an `Objective` turns (model call, batch, noise generator) into loss terms.
 
 The trainer knows nothing of diffusion: it hands the objective a `denoiser` (the trained module bound to this
-step's loop count S; it returns whatever the module returns, e.g. a `DenoiserOutput`), a batch on the training
+step's loop count S; it returns whatever the module returns, e.g. a `TransformerOutput`), a batch on the training
 device and the step's noise generator, back-propagates `LossTerms.total` and divides the gradients by the global
 `LossTerms.count` once every micro-batch and rank is in. So the update is the gradient of total / count over the
 whole global batch, however the batch is split. Optional hooks have no-op defaults.

@@ -36,17 +36,15 @@ from loopdlm.data.tasks import Example, Task, decode_answers
 from loopdlm.diffusion.masked import MaskedDiffusion, subs_log_probs
 from loopdlm.errors import UserError
 from loopdlm.models.transformer import LoopedTransformer
-from loopdlm.sampling import SamplerSpec, build_loop_policy, build_selector
-from loopdlm.sampling.denoisers import ModelDenoiser
-from loopdlm.sampling.engine import Denoiser, DenoiserOutputs, SampleResult, generate
+from loopdlm.sampling import SamplerConfig, build_decoder
+from loopdlm.sampling.engine import SampleResult, WindowPrediction, WindowPredictor
 from loopdlm.sampling.parallel import predictive_entropy
-from loopdlm.sampling.wino import WinoDenoiser
 from loopdlm.train.callbacks import EarlyStopping
 from loopdlm.train.objective import LossTerms, ModelCall, Objective, model_logits
 from loopdlm.train.trainer import Trainer
 
 #: WINO+'s recording sampler: WINO with the paper's offline thresholds; one block over the whole answer.
-RECORDING_SPEC = SamplerSpec(sampler="wino", tau1=0.5, tau2=0.8, temperature=0.0)
+RECORDING_SPEC = SamplerConfig.from_flags("wino", tau1=0.5, tau2=0.8, temperature=0.0)
 RETRY_TEMPERATURES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
@@ -124,18 +122,18 @@ class WinoPlusBatch:
 
 
 class StateRecorder:
-    """Denoiser wrapper that keeps a CPU copy of x_t, and the window, at every forward pass it serves.
+    """Window predictor wrapper that keeps a CPU copy of x_t, and the window, at every forward pass it serves.
 
     Every step of a decode that changes x_t is followed by a forward pass (or ends the decode), so these states plus
     the final tokens contain every distinct x_t of the decode in order.
     """
 
-    def __init__(self, inner: Denoiser):
+    def __init__(self, inner: WindowPredictor):
         self.inner = inner
         self.states: list[Tensor] = []
         self.windows: list[slice] = []
 
-    def __call__(self, tokens: Tensor, window: slice, progress: float) -> DenoiserOutputs:
+    def __call__(self, tokens: Tensor, window: slice, progress: float) -> WindowPrediction:
         self.states.append(tokens.to("cpu", copy=True))
         self.windows.append(window)
         return self.inner(tokens, window, progress)
@@ -169,18 +167,15 @@ class RecordedDecode:
         return torch.where(initial == mask_id, index.expand_as(initial), torch.full_like(initial, -1))
 
 
-def decode_recorded(model: LoopedTransformer, tokens: Tensor, mask_id: int, spec: SamplerSpec,
+def decode_recorded(model: LoopedTransformer, tokens: Tensor, mask_id: int, spec: SamplerConfig,
                     generator: torch.Generator | None = None) -> RecordedDecode:
-    """`sample` (same denoiser and selector for `spec`) that also records the decode's states and windows.
+    """`Decoder.fill` (same predictor and selector for `spec`) that also records the decode's states and windows.
 
     tokens int64 [B, L] -> RecordedDecode.
     """
-    editable_columns = (tokens == mask_id).any(dim=0).nonzero()
-    region = tokens.shape[1] - int(editable_columns[0]) if len(editable_columns) else 1
-    denoiser_class = WinoDenoiser if spec.sampler == "wino" else ModelDenoiser
-    recorder = StateRecorder(denoiser_class(model, mask_id, build_loop_policy(spec, model)))
-    result = generate(recorder, tokens, build_selector(spec, region), mask_id, block_length=spec.block_length,
-                      temperature=spec.temperature, top_p=spec.top_p, generator=generator)
+    decoder = build_decoder(model, None, spec, mask_id)
+    recorder = StateRecorder(decoder.sequence_predictor())
+    result = decoder.fill(tokens, generator, predictor=recorder)
     return RecordedDecode(result, [*recorder.states, result.tokens.to("cpu", copy=True)], recorder.windows)
 
 
@@ -201,7 +196,7 @@ def last_acceptance_steps(states: Sequence[Tensor], mask_id: int) -> Tensor:
 
 
 def record_trajectories(model: LoopedTransformer, task: Task, tokenizer, examples: Sequence[Example],
-                        spec: SamplerSpec = RECORDING_SPEC, temperatures: Sequence[float] = RETRY_TEMPERATURES,
+                        spec: SamplerConfig = RECORDING_SPEC, temperatures: Sequence[float] = RETRY_TEMPERATURES,
                         batch_size: int = 64, seed: int = 0) -> list[Trajectory]:
     """Decode every prompt with `spec`, retrying the ones the verifier rejects at each next temperature.
 
