@@ -26,7 +26,7 @@ from loopdlm.sampling.coupling import (
 )
 from loopdlm.sampling.engine import DenoiserOutputs, StepContext, generate, gumbel_candidates
 from loopdlm.sampling.selectors import FixedScheduleSelector, ThresholdSelector
-from loopdlm.train.checkpoint import save_checkpoint
+from loopdlm.train.checkpoint_files import save_checkpoint
 from loopdlm.train.codd_training import (
     CoDDTrainConfig,
     checkpoint_training_source,
