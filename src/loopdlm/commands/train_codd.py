@@ -1,4 +1,5 @@
-"""`loopdlm train-codd`: fit a CoDD HMM prior to a trained checkpoint and save it as a layer of its own."""
+"""`loopdlm train-codd`: fit a CoDD HMM prior to a trained checkpoint and save it as a layer of its own; `--out` is
+the run folder, so re-running the command resumes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ def register(subparsers) -> None:
     defaults = CoDDTrainConfig()
     parser = subparsers.add_parser("train-codd", help="train a CoDD coupling prior (HMM) for a checkpoint")
     parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder (the frozen model)")
-    parser.add_argument("--out", required=True, help="folder to write the prior into (use it with sample --codd)")
+    parser.add_argument("--out", required=True, help="folder to write the prior into (use it with sample --codd); "
+                        "also the run folder: the same command again resumes an interrupted run, more --steps "
+                        "extend a finished one")
     parser.add_argument("--states", type=positive_int, default=defaults.n_states, help="HMM hidden states N")
     parser.add_argument("--window", type=positive_int, default=defaults.window,
                         help="W: positions per HMM window; use the sampler's block length")

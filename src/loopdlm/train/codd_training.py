@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -157,10 +157,15 @@ class CoupledPriorObjective(Objective):
     """CoDD prior fitting as a trainer objective: the coupled NELBO in nats per noisable token, with the frozen
     model's own factorised NELBO on the same batch as the metric "factorised". Batches are clean `TokenBatch`es,
     noised with the step's generator and scored by `frozen` (the frozen model's log-probs), or `NoisyBatch`es of a
-    top-k pool, used as they are."""
+    top-k pool, used as they are.
 
-    def __init__(self, frozen: FrozenLogProbs | None, diffusion: MaskedDiffusion):
-        self.frozen, self.diffusion = frozen, diffusion
+    fitted_to: what the prior is fitted to (the frozen model, its S, the data and the prior's settings; JSON-like
+    values), saved with checkpoints: resuming a run folder whose prior was fitted to something else is refused, so
+    a prior never mixes two frozen models or two settings."""
+
+    def __init__(self, frozen: FrozenLogProbs | None, diffusion: MaskedDiffusion,
+                 fitted_to: dict[str, Any] | None = None):
+        self.frozen, self.diffusion, self.fitted_to = frozen, diffusion, dict(fitted_to or {})
 
     def loss(self, scorer: ModelCall, batch: TokenBatch | NoisyBatch, generator: torch.Generator) -> LossTerms:
         if not isinstance(batch, NoisyBatch):
@@ -168,6 +173,18 @@ class CoupledPriorObjective(Objective):
         count = batch.row_tokens.sum().clamp(min=1).float()
         return LossTerms(total=scorer(batch), count=count,
                          metrics={"factorised": factorised_nelbo(batch).detach() * count})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fitted_to": self.fitted_to}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("fitted_to", {})
+        differing = sorted(key for key in saved.keys() | self.fitted_to.keys()
+                           if saved.get(key) != self.fitted_to.get(key))
+        if differing:
+            raise UserError("the run folder holds a prior fitted with other settings (" + ", ".join(
+                f"{key} {saved.get(key)!r} -> {self.fitted_to.get(key)!r}" for key in differing) +
+                "); use the same settings to resume it, or another folder")
 
 
 def factorised_nelbo(batch: NoisyBatch) -> Tensor:
@@ -278,8 +295,8 @@ def initial_prior(n_states: int, vocab_size: int, init_std: float, seed: int) ->
 
 def train_codd_prior(frozen: FrozenLogProbs, source: SequenceSource, diffusion: MaskedDiffusion, vocab_size: int,
                      config: CoDDTrainConfig, device: torch.device | str = "cpu",
-                     on_log: Callable[[int, float, float], None] | None = None, out_dir: str | Path | None = None
-                     ) -> CoDDTrainResult:
+                     on_log: Callable[[int, float, float], None] | None = None, out_dir: str | Path | None = None,
+                     fitted_to: dict[str, Any] | None = None) -> CoDDTrainResult:
     """Fit a fresh HMMPrior(config.n_states, vocab_size) to the `frozen` model with the `Trainer` (Adam at a
     constant rate: AdamW without weight decay, no clipping, no EMA).
 
@@ -291,6 +308,8 @@ def train_codd_prior(frozen: FrozenLogProbs, source: SequenceSource, diffusion: 
         vocab_size: V, every id of the model's vocabulary (mask included).
         on_log: called as on_log(step, coupled, factorised) every config.log_every steps and at the last one.
         out_dir: run folder (metrics.jsonl, checkpoints; a second call on it resumes); None = in memory.
+        fitted_to: what `frozen` and `source` are (e.g. the checkpoint, S, batch size), recorded with the prior's
+            settings in every checkpoint; a resume with other values is refused (`CoupledPriorObjective`).
     Returns:
         CoDDTrainResult.
     """
@@ -319,13 +338,19 @@ def train_codd_prior(frozen: FrozenLogProbs, source: SequenceSource, diffusion: 
     train.eval_every, train.ckpt_every, train.log_every = 0, 0, config.log_every
     logger = [_LogCoupled(on_log)] if on_log is not None else []
     trainer = Trainer(run, CoupledScorer(prior, config.window, config.chunk_size),
-                      CoupledPriorObjective(counted, diffusion), source, None, out_dir,
-                      callbacks=logger)
+                      CoupledPriorObjective(counted, diffusion, {**(fitted_to or {}), **prior_settings(config)}),
+                      source, None, out_dir, callbacks=logger)
     fitted = trainer.fit()
     history = [(step, record["loss"], record["factorised"]) for (step, _, _), record in
                zip(fitted.history, fitted.records)]
     return CoDDTrainResult(prior=prior, history=history, seconds=time.perf_counter() - start_time,
                            frozen_passes=passes)
+
+
+def prior_settings(config: CoDDTrainConfig) -> dict[str, Any]:
+    """The settings that shape what a run fits (not how long it runs): HMM size, window, data and noise."""
+    return {"n_states": config.n_states, "window": config.window, "topk": config.topk,
+            "pool_batches": config.pool_batches, "init_std": config.init_std, "seed": config.seed}
 
 
 class _LogCoupled(Callback):
@@ -378,9 +403,12 @@ def train_codd_from_checkpoint(checkpoint: str | Path, out: str | Path, config: 
                                ) -> CoDDTrainResult:
     """Train a prior for a checkpoint on its own training data and save it into `out` (see save_codd_layer).
 
-    The checkpoint's config names the data (corpus or task, see checkpoint_training_source) and the model;
-    loops: S for the frozen model (0 = the model's training S_max). Raises UserError for an unusable
-    checkpoint, data tokenised differently from the checkpoint, a block-diffusion checkpoint, or bad settings.
+    `out` is also the run folder (metrics.jsonl, checkpoints/): a second call on it resumes the run, so re-running
+    an interrupted or shorter run (more config.steps) continues it exactly as one uninterrupted run; a call with
+    another checkpoint, S, batch size or prior settings is refused. The checkpoint's config names the data (corpus
+    or task, see checkpoint_training_source) and the model; loops: S for the frozen model (0 = the model's training
+    S_max). Raises UserError for an unusable checkpoint, data tokenised differently from the checkpoint, a
+    block-diffusion checkpoint, or bad settings.
     """
     config.validate()
     if batch_size < 1:
@@ -396,9 +424,11 @@ def train_codd_from_checkpoint(checkpoint: str | Path, out: str | Path, config: 
     frozen = frozen_log_probs(model, tokenizer.mask_id, depth)
     log(f"training a {config.n_states}-state CoDD prior (W={config.window}) on {loaded.path} with S={depth}, "
         f"{config.steps} steps, batch {batch_size}, " + (f"top-{config.topk} cache" if config.topk else "recomputed q"))
+    fitted_to = {"checkpoint": str(Path(loaded.path).resolve()), "loops": depth, "batch_size": batch_size}
     result = train_codd_prior(frozen, source, objective, tokenizer.vocab_size, config, target,
                               on_log=lambda step, coupled, factorised: log(
-                                  f"step {step}: coupled {coupled:.4f} nats/token (factorised {factorised:.4f})"))
+                                  f"step {step}: coupled {coupled:.4f} nats/token (factorised {factorised:.4f})"),
+                              out_dir=out, fitted_to=fitted_to)
     save_codd_layer(result.prior, out, config.window, tokenizer.fingerprint(),
                     {"checkpoint": str(loaded.path), "loops": depth, "steps": config.steps, "topk": config.topk,
                      "lr": config.lr, "batch_size": batch_size, "seconds": round(result.seconds, 3)})
