@@ -9,8 +9,8 @@ scale. A one-state, uniform-emission HMM reproduces the factorised NELBO exactly
 batch is printed beside it as the baseline the prior has to beat.
 
 Context and windows: the frozen model always runs on the whole noisy sequence x_t, as at sampling time where a
-block is decoded with the full sequence as context. Its log-probs over the generation region (from the first column any
-row may noise to the end, e.g. the answer of a task row) are then cut into consecutive windows of W positions
+block is decoded with the full sequence as context. Its log-probs over the generation region (from the first column
+any row may noise to the end, e.g. the answer of a task row) are then cut into consecutive windows of W positions
 starting at the region's first column, the same layout as the sampler's blocks, and each window is scored by the
 HMM on its own (the last window may be shorter). The frozen model may be plain or looped (any S), or any callable
 tokens -> log-probs.
