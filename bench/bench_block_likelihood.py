@@ -42,7 +42,7 @@ from report import markdown_table, write_section  # noqa: E402
 
 from loopdlm.data.corpus import TokenDataset  # noqa: E402
 from loopdlm.eval.likelihood import likelihood_bound  # noqa: E402
-from loopdlm.train.checkpoint import load_checkpoint_config  # noqa: E402
+from loopdlm.train.checkpoint_files import load_checkpoint_config  # noqa: E402
 from loopdlm.data.batches import RowSource  # noqa: E402
 from loopdlm.workflow import build_objective, load_pretrained, prepare_data  # noqa: E402
 

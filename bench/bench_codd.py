@@ -40,7 +40,7 @@ from loopdlm.sampling.predictors import FullSequencePredictor
 from loopdlm.sampling.engine import generate
 from loopdlm.sampling.loops import FixedLoops
 from loopdlm.sampling.selectors import FixedScheduleSelector
-from loopdlm.train.codd_training import CoDDTrainConfig, evaluate_codd, frozen_model_denoiser, train_codd_prior
+from loopdlm.train.codd_training import CoDDTrainConfig, evaluate_codd, frozen_log_probs, train_codd_prior
 from loopdlm.train.trainer import TensorBatchSource
 
 MASK = 0
@@ -154,7 +154,7 @@ def bench_task(task: Task, denoiser_steps: int, prior_config: CoDDTrainConfig, r
     model, denoiser_seconds = train_denoiser(task, denoiser_steps)
     source = TensorBatchSource(task.train_tokens, task.train_noisable, batch_size=64, seed=1)
     objective = MaskedDiffusion(MASK, LogLinear())
-    denoise = frozen_model_denoiser(model, MASK, LOOPS)
+    denoise = frozen_log_probs(model, MASK, LOOPS)
     trained = train_codd_prior(denoise, source, objective, task.vocab_size, prior_config)
     prior = trained.prior.requires_grad_(False)
     held_out = TensorBatchSource(task.train_tokens[-1024:], task.train_noisable[-1024:], batch_size=128, seed=2)

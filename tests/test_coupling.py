@@ -26,7 +26,7 @@ from loopdlm.sampling.coupling import (
 )
 from loopdlm.sampling.engine import WindowPrediction, StepContext, generate, gumbel_candidates
 from loopdlm.sampling.selectors import FixedScheduleSelector, ThresholdSelector
-from loopdlm.train.checkpoint import save_checkpoint
+from loopdlm.train.checkpoint_files import save_checkpoint
 from loopdlm.train.codd_training import (
     CoDDTrainConfig,
     checkpoint_training_source,
@@ -287,7 +287,7 @@ def test_top_k_cache_trains_without_recomputing_the_denoiser():
     source = TensorBatchSource(pair_rows(128, seed=0), batch_size=16, seed=0)
     config = CoDDTrainConfig(n_states=2 * K, window=LENGTH, steps=40, lr=0.3, topk=2, pool_batches=4)
     result = train_codd_prior(counting_denoiser, source, MaskedDiffusion(MASK, LogLinear()), PAIR_VOCAB, config)
-    assert len(calls) == result.denoiser_passes == 4
+    assert len(calls) == result.frozen_passes == 4
     first, last = (sum(h[1] for h in part) / 10 for part in (result.history[:10], result.history[-10:]))
     assert last < first - 0.1
 

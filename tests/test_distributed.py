@@ -1,4 +1,5 @@
-"""Two gloo processes on CPU against single-process references over the same global batches."""
+"""Two gloo processes on CPU against single-process references over the same global batches (MDLM, FSDP, WINO+,
+CoDD prior fitting)."""
 
 import json
 import os
@@ -8,10 +9,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from loopdlm.diffusion import MaskedDiffusion
+from loopdlm.config import RunConfig
+from loopdlm.data.batches import PairedSource, RowSource, TensorRows
+from loopdlm.diffusion import LogLinear, MaskedDiffusion
 from loopdlm.models import LoopedTransformer
 from loopdlm.train import TensorBatchSource, Trainer, read_weights, setup_distributed, teardown_distributed
-from test_train import MASK_ID, InterruptAfter, RowKeyedNoise, random_corpus, run_config
+from loopdlm.train.codd_training import CoupledPriorObjective, CoupledScorer, frozen_log_probs, initial_prior
+from loopdlm.train.wino_plus import WinoPlusBatch, WinoPlusLossWeights, WinoPlusObjective, WinoPlusRows
+from conftest import make_model
+from test_train import MASK_ID, SEQ_LEN, VOCAB, InterruptAfter, RowKeyedNoise, random_corpus, run_config
 
 WORLD = 2
 PER_RANK_BATCH = 4
@@ -28,6 +34,42 @@ def make_run(name: str, root, rank: int, world: int, batch_size: int, grad_accum
     val = TensorBatchSource(random_corpus(8, seed=99), batch_size=2, seed=2, rank=rank, world_size=world)
     objective = options.pop("objective", None) or MaskedDiffusion(MASK_ID)
     return Trainer(config, model, objective, source, val, root / name, **options)
+
+
+def wino_plus_rows(n: int = 24, seed: int = 0) -> WinoPlusRows:
+    """Random WINO+ rows: half the answer hidden, half of that the step's targets."""
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, MASK_ID, (n, SEQ_LEN), generator=generator)
+    hidden = torch.rand(n, SEQ_LEN, generator=generator) < 0.5
+    targets = hidden & (torch.rand(n, SEQ_LEN, generator=generator) < 0.5)
+    return WinoPlusRows(clean.masked_fill(hidden, MASK_ID), clean, targets, torch.ones_like(hidden))
+
+
+def make_wino_plus_run(root, rank: int, world: int, batch_size: int, grad_accum: int = 1, **options):
+    """4 WINO+ updates (all three terms active, plus the supervised anchor's NELBO with its noise) of a perturbed
+    looped model; the anchor reads half as many rows per micro-batch."""
+    config = run_config(steps=4, grad_accum=grad_accum, tie=True)
+    model = make_model(vocab_size=VOCAB, n_layers=2, core=(0, 1), max_loops=3, tie_embeddings=True, seed=3).train()
+    config.model = model.config
+    rows = RowSource(wino_plus_rows(), batch_size, seed=1, rank=rank, world_size=world)
+    anchor = RowSource(TensorRows(random_corpus(16, seed=5)), batch_size // 2, seed=2, rank=rank, world_size=world)
+    source = PairedSource(rows, anchor, lambda main, extra: WinoPlusBatch(main.rows, extra))
+    objective = WinoPlusObjective(MASK_ID, WinoPlusLossWeights(confident_above=0.2), MaskedDiffusion(MASK_ID), 0.5)
+    return Trainer(config, model, objective, source, None, root / "wino-plus", **options)
+
+
+def make_codd_run(root, rank: int, world: int, batch_size: int, grad_accum: int = 1, **options):
+    """4 updates of a 3-state CoDD prior (window 4) on a frozen perturbed model's log-probs, noise per shard."""
+    config = RunConfig()
+    for key, value in dict(steps=4, grad_accum=grad_accum, lr=0.1, seed=7, device="cpu", precision="fp32",
+                           warmup_steps=0, lr_schedule="constant", weight_decay=0.0, grad_clip=0.0, ema_decay=0.0,
+                           eval_every=0, ckpt_every=0, log_every=1).items():
+        setattr(config.train, key, value)
+    frozen = frozen_log_probs(make_model(vocab_size=VOCAB, n_layers=2, core=(0, 1), seed=4), MASK_ID, loops=2)
+    scorer = CoupledScorer(initial_prior(3, VOCAB, init_std=0.5, seed=2), window=4)
+    source = TensorBatchSource(random_corpus(), batch_size=batch_size, seed=1, rank=rank, world_size=world)
+    objective = CoupledPriorObjective(frozen, MaskedDiffusion(MASK_ID, LogLinear()))
+    return Trainer(config, scorer, objective, source, None, root / "codd", **options)
 
 
 def _worker(rank: int, port: int, root) -> None:
@@ -51,6 +93,8 @@ def _worker(rank: int, port: int, root) -> None:
                      train_source=source).fit()
         results["fsdp-resumed"] = make_run("fsdp-resumed", root, rank, WORLD, PER_RANK_BATCH, dist=info,
                                            distributed="fsdp").fit()
+        results["wino-plus"] = make_wino_plus_run(root, rank, WORLD, PER_RANK_BATCH, dist=info).fit()
+        results["codd"] = make_codd_run(root, rank, WORLD, PER_RANK_BATCH, dist=info).fit()
         summary = {name: {"history": r.history, "eval": {str(k): v for k, v in r.eval_metrics.items()}}
                    for name, r in results.items()}
         (root / f"rank{rank}.json").write_text(json.dumps(summary))
@@ -128,3 +172,16 @@ def test_fsdp_accumulation_equals_one_process_over_the_same_shards(two_rank_runs
     reference = single_process_run("single", tmp_path, batch_size=half, grad_accum=2 * WORLD)
     assert losses(rank0["fsdp-accum"]["history"]) == pytest.approx(losses(reference.history), rel=1e-5)
     assert_weights_close(root / "fsdp-accum", tmp_path / "single")
+
+
+@pytest.mark.parametrize(("name", "make_trainer"), [("wino-plus", make_wino_plus_run), ("codd", make_codd_run)])
+def test_wino_plus_and_codd_prior_training_under_ddp_equal_one_process(two_rank_runs, tmp_path, name, make_trainer):
+    # As for MDLM: 2 ranks x batch 4 see the rows and noise of 1 rank x batch 4 x accum 2, and the update is the
+    # gradient of the count-weighted mean over the global batch however it is split.
+    root, (rank0, rank1) = two_rank_runs
+    assert rank0[name] == rank1[name]
+    reference = make_trainer(tmp_path, 0, 1, PER_RANK_BATCH, grad_accum=WORLD).fit()
+    assert [s for _, _, s in rank0[name]["history"]] == [s for _, _, s in reference.history]
+    assert losses(rank0[name]["history"]) == pytest.approx(losses(reference.history), rel=1e-5)
+    assert len(set(losses(reference.history))) > 1  # the runs actually trained
+    assert_weights_close(root / name, tmp_path / name)

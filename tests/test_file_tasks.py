@@ -12,7 +12,7 @@ from loopdlm.data.task_spec import get_task, portable_spec
 from loopdlm.data.tasks import SudokuTask
 from loopdlm.data.tokenizers import CharTokenizer
 from loopdlm.errors import UserError
-from loopdlm.train.checkpoint import load_checkpoint_config
+from loopdlm.train.checkpoint_files import load_checkpoint_config
 
 PUZZLE4 = "1200340000000000"
 # Blanks filled by hand: rows 12|34, 34|12, 21|43, 43|21.

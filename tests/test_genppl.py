@@ -11,10 +11,17 @@ from loopdlm.cli import main
 from loopdlm.config import load_config
 from loopdlm.data.corpus import TokenDataset
 from loopdlm.data.tokenizers import CharTokenizer
-from loopdlm.eval.genppl import GenPPLReport, LoopedJudge, distinct_n, generative_perplexity, unigram_entropy
+from loopdlm.eval.genppl import (
+    GenPPLReport,
+    HFJudge,
+    LoopedJudge,
+    distinct_n,
+    generative_perplexity,
+    unigram_entropy,
+)
 from loopdlm.models.layers import causal_mask
 from loopdlm.models.transformer import LoopedTransformer
-from loopdlm.train.autoregressive import NextTokenObjective
+from loopdlm.train.autoregressive import NextTokenObjective, next_token_nll
 from loopdlm.train.trainer import Trainer
 from loopdlm.data.batches import RowSource
 from loopdlm.workflow import build_model, build_objective, load_pretrained, prepare_data
@@ -69,6 +76,37 @@ def test_generative_perplexity_of_a_tiny_judge_is_finite_with_entropy_beside_it(
     assert report.entropy == pytest.approx((unigram_entropy(rows[0]) + math.log(8) + 0.0) / 3)
     assert report.distinct[1] == pytest.approx(len(set(sum(rows, []))) / sum(map(len, rows)))
     assert isinstance(report, GenPPLReport) and set(report.as_dict()) >= {"gen_ppl", "entropy", "distinct_4"}
+
+
+def test_next_token_nll_has_its_hand_computed_value():
+    # Position i predicts token i + 1; the last position predicts nothing.
+    logits = torch.tensor([[[math.log(3), 0.0, 0.0], [0.0, math.log(2), 0.0], [5.0, -1.0, 3.0]]])
+    tokens = torch.tensor([[0, 1, 2]])
+    expected = torch.tensor([[math.log(5), math.log(4)]])  # p(1) = 1/(3 + 1 + 1); p(2) = 1/(1 + 2 + 1)
+    torch.testing.assert_close(next_token_nll(logits, tokens), expected)
+    low_precision = next_token_nll(logits.bfloat16(), tokens)
+    assert low_precision.dtype == torch.float32
+    torch.testing.assert_close(low_precision, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_the_judge_objective_and_both_judges_score_with_next_token_nll():
+    tok = CharTokenizer("abcdefgh ")
+    model = _judge_model(tok.vocab_size)
+    texts = ["abc abcd", "hgfedcba"]  # 8 characters each: one window per text
+    tokens = torch.tensor([tok.encode(text) for text in texts])
+    with torch.no_grad():
+        expected = next_token_nll(model(tokens, attn_mask=causal_mask(8, "cpu")).logits, tokens)
+        objective = NextTokenObjective().nelbo(lambda x: model(x).logits, tokens)
+    torch.testing.assert_close(objective.nll_sum, expected.sum())
+    torch.testing.assert_close(objective.per_row, expected.mean(dim=1))
+    total, count = LoopedJudge(model, tok, context_length=8).score(texts)
+    assert count == 2 * 7 and total == pytest.approx(float(expected.sum()), rel=1e-5)
+    hf = object.__new__(HFJudge)  # no Hugging Face model on disk: our judge and tokenizer stand in for one
+    hf.tokenizer = lambda text, add_special_tokens: {"input_ids": tok.encode(text)}
+    hf.model = lambda ids: model(ids, attn_mask=causal_mask(ids.shape[1], "cpu"))
+    hf.device, hf.context_length = torch.device("cpu"), 8
+    total, count = hf.score(texts)
+    assert count == 2 * 7 and total == pytest.approx(float(expected.sum()), rel=1e-5)
 
 
 def test_hugging_face_judge_needs_transformers():

@@ -12,7 +12,7 @@ from loopdlm.cli import main
 from loopdlm.config import RunConfig
 from loopdlm.data.tokenizers import CharTokenizer
 from loopdlm.eval.continuation import ContinuationScorer
-from loopdlm.train.checkpoint import save_checkpoint
+from loopdlm.train.checkpoint_files import save_checkpoint
 
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402

@@ -19,7 +19,7 @@ from loopdlm.cli import main
 from loopdlm.data.tokenizers import CharTokenizer
 from loopdlm.errors import UserError
 from loopdlm.models import ModelConfig
-from loopdlm.train import checkpoint as checkpoint_module
+from loopdlm.train import checkpoint_files as checkpoint_module
 from loopdlm.train import latest_checkpoint, read_training_state
 from loopdlm.train import run_lock as run_lock_module
 from loopdlm.train.run_lock import RunLock

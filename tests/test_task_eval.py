@@ -23,7 +23,7 @@ from loopdlm.errors import UserError
 from loopdlm.eval.tasks import task_accuracy
 from loopdlm.models.transformer import ModelConfig, TransformerOutput
 from loopdlm.sampling import SamplerConfig, build_decoder
-from loopdlm.train.checkpoint import load_checkpoint_config, resolve_checkpoint
+from loopdlm.train.checkpoint_files import load_checkpoint_config, resolve_checkpoint
 
 
 def test_answer_only_masking_never_noises_prompt_tokens():

@@ -26,7 +26,7 @@ from loopdlm.train import (
     save_checkpoint,
     training_flops,
 )
-from loopdlm.train import checkpoint as checkpoint_module
+from loopdlm.train import checkpoint_files as checkpoint_module
 from loopdlm.train.distributed import DistInfo, full_model_state
 
 

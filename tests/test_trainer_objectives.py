@@ -1,16 +1,22 @@
 """WINO+ and CoDD prior fitting run on the one Trainer: bit-exact resume and metrics.jsonl; old configs load."""
 
 import json
+import os
+import signal
 
 import torch
 
+from loopdlm.cli import main
 from loopdlm.config import RunConfig
 from loopdlm.data.batches import TensorBatchSource
 from loopdlm.diffusion import LogLinear, MaskedDiffusion
+from loopdlm.sampling.coupling import load_codd_layer
+from loopdlm.train import codd_training
 from loopdlm.train.codd_training import CoDDTrainConfig, train_codd_prior
 from loopdlm.train.wino_plus import SupervisedAnchor, WinoPlusRows, finetune_wino_plus
 
 from conftest import make_model
+from test_coupling import tiny_checkpoint  # noqa: F401 (a fixture)
 
 VOCAB, MASK = 9, 8
 
@@ -77,6 +83,56 @@ def test_codd_prior_training_resumes_bit_exactly_and_writes_metrics(tmp_path):
             assert torch.equal(tensor, resumed.prior.state_dict()[name]), name
         train = [r for r in records(tmp_path / f"b{topk}") if r["split"] == "train"]
         assert [r["step"] for r in train] == [3, 6] and "factorised" in train[0]  # log_every 50: each run's end
+
+
+def train_codd_command(run_dir, out, *extra) -> int:
+    return main(["train-codd", "--checkpoint", str(run_dir), "--out", str(out), "--states", "3", "--window", "8",
+                 "--steps", "4", "--batch-size", "4", "--lr", "0.1", "--device", "cpu", *extra])
+
+
+def prior_weights(folder, vocab_size) -> dict:
+    return load_codd_layer(folder, vocab_size)[0].state_dict()
+
+
+def test_rerunning_an_interrupted_train_codd_command_continues_the_run_exactly(tiny_checkpoint, tmp_path,
+                                                                             monkeypatch, capsys):
+    run_dir, tokenizer = tiny_checkpoint
+    assert train_codd_command(run_dir, tmp_path / "straight") == 0
+    straight = prior_weights(tmp_path / "straight", tokenizer.vocab_size)
+    unpatched, passes = codd_training.frozen_log_probs, []
+
+    def counted(interrupt_at=None):
+        def frozen_log_probs(*args):
+            log_probs = unpatched(*args)
+
+            def call(tokens):
+                passes.append(1)
+                if len(passes) == interrupt_at:  # topk 0: one frozen pass per step
+                    os.kill(os.getpid(), signal.SIGINT)
+                return log_probs(tokens)
+
+            return call
+        return frozen_log_probs
+
+    # Ctrl-C during step 1: the trainer sees it as step 2 starts and ends the run after it, with a checkpoint.
+    monkeypatch.setattr(codd_training, "frozen_log_probs", counted(interrupt_at=1))
+    assert train_codd_command(run_dir, tmp_path / "resumed") == 128 + signal.SIGINT
+    assert "run the same command to resume" in capsys.readouterr().err
+    passes.clear()
+    monkeypatch.setattr(codd_training, "frozen_log_probs", counted())
+    assert train_codd_command(run_dir, tmp_path / "resumed") == 0  # the same command
+    assert len(passes) == 2  # steps 3 and 4 only
+    resumed = prior_weights(tmp_path / "resumed", tokenizer.vocab_size)
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
+    steps = [r["step"] for r in records(tmp_path / "resumed") if r["split"] == "train"]
+    assert steps[-1] == 4 and len(steps) == len(set(steps))
+    # Once more on the finished run: nothing to do, the same prior. Other settings are refused, losing nothing.
+    assert train_codd_command(run_dir, tmp_path / "resumed") == 0
+    assert train_codd_command(run_dir, tmp_path / "resumed", "--window", "4") == 2
+    assert "window 8 -> 4" in capsys.readouterr().err
+    for name, tensor in prior_weights(tmp_path / "resumed", tokenizer.vocab_size).items():
+        assert torch.equal(tensor, straight[name]), name
 
 
 def test_old_configs_with_run_time_model_fields_and_task_sources_still_load():

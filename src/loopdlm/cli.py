@@ -13,9 +13,10 @@ import sys
 
 from loopdlm.errors import UserError, os_error_text
 
-#: Modules under loopdlm.commands, each exposing `register(subparsers)` which sets `func` on its parser.
-COMMANDS = ["show_config", "prepare", "train", "evaluate", "sample", "finetune", "eval_task", "analyze", "judge",
-            "train_codd", "harness", "export"]
+#: Modules under loopdlm.commands, each named after its command ('-' written '_') and exposing
+#: `register(subparsers)`, which sets `func` on its parser.
+COMMANDS = ["config", "prepare", "train", "eval", "sample", "finetune", "eval_task", "attention", "train_judge",
+            "genppl", "train_codd", "lm_eval", "export"]
 
 
 #: File-system failures a user fixes (full disk, read-only or unwritable folder, a file where a folder belongs):

@@ -28,7 +28,7 @@ from loopdlm.errors import UserError, os_error_text
 from loopdlm.models.transformer import LoopedTransformer, ModelConfig
 from loopdlm.train.autoregressive import NextTokenObjective
 from loopdlm.train.distributed import DistInfo, barrier, resolve_device, setup_distributed  # noqa: F401
-from loopdlm.train.checkpoint import TOKENIZER_DIR, load_checkpoint_config, load_model_weights, resolve_checkpoint
+from loopdlm.train.checkpoint_files import TOKENIZER_DIR, load_checkpoint_config, load_model_weights, resolve_checkpoint
 from loopdlm.train.trainer import Trainer, derived_seed
 
 logger = logging.getLogger(__name__)

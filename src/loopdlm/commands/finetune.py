@@ -8,7 +8,7 @@ from loopdlm.config import apply_overrides, available_presets, load_config
 from loopdlm.data.task_source import task_tokenizer
 from loopdlm.data.task_spec import get_task, portable_spec
 from loopdlm.data.tokenizers import load_tokenizer
-from loopdlm.train.checkpoint import TOKENIZER_DIR, load_checkpoint_config, resolve_checkpoint
+from loopdlm.train.checkpoint_files import TOKENIZER_DIR, load_checkpoint_config, resolve_checkpoint
 from loopdlm.workflow import build_run
 
 

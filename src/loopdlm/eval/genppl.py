@@ -19,6 +19,7 @@ from loopdlm.data.tokenizers import Tokenizer
 from loopdlm.errors import UserError
 from loopdlm.models.transformer import LoopedTransformer
 from loopdlm.models.layers import causal_mask
+from loopdlm.train.autoregressive import next_token_nll
 from loopdlm.workflow import load_pretrained
 
 HF_PREFIX = "hf:"
@@ -61,8 +62,7 @@ class LoopedJudge:
             mask = causal_mask(length, device)
             for start in range(0, len(same), self.batch_size):
                 tokens = torch.tensor(same[start:start + self.batch_size], dtype=torch.long, device=device)
-                logits = self.model(tokens, attn_mask=mask).logits[:, :-1].float()
-                nll = -torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+                nll = next_token_nll(self.model(tokens, attn_mask=mask).logits, tokens)
                 total += float(nll.sum())
                 count += nll.numel()
         return total, count
@@ -95,8 +95,7 @@ class HFJudge:
                 if len(window) < 2:
                     continue
                 tokens = torch.tensor([window], device=self.device)
-                logits = self.model(tokens).logits[:, :-1].float()
-                nll = -torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+                nll = next_token_nll(self.model(tokens).logits, tokens)
                 total += float(nll.sum())
                 count += nll.numel()
         return total, count

@@ -1,6 +1,6 @@
 """Training: the loop, checkpoints, distributed setup, learning-rate schedule, EMA and FLOP accounting."""
 
-from loopdlm.train.checkpoint import (
+from loopdlm.train.checkpoint_files import (
     latest_checkpoint,
     load_checkpoint_config,
     load_model_weights,

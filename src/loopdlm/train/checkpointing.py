@@ -2,7 +2,7 @@
 
 The parts are the model weights, the EMA weights, the optimiser, and any number of named `Stateful` parts (data
 position, objective state, global RNG states, the run's counters). Weights and optimiser are gathered to full
-tensors (FSDP) by every rank and written by rank 0; see `train/checkpoint.py` for the on-disk layout. A resume
+tensors (FSDP) by every rank and written by rank 0; see `train/checkpoint_files.py` for the on-disk layout. A resume
 compares the saved model's architecture (`ModelConfig.architecture()`) and tokenizer with this run's, so run-time
 knobs (activation checkpointing, S_max) may change between sessions.
 """
@@ -23,7 +23,7 @@ from torch import nn
 from loopdlm.config import RunConfig, TrainConfig
 from loopdlm.data.tokenizers import Tokenizer, load_tokenizer
 from loopdlm.errors import UserError, os_error_text
-from loopdlm.train.checkpoint import (
+from loopdlm.train.checkpoint_files import (
     TOKENIZER_DIR,
     latest_checkpoint,
     load_checkpoint_config,

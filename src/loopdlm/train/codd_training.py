@@ -1,25 +1,25 @@
-"""Training CoDD's HMM prior on a frozen denoiser (ALGORITHMS.md section 6).
+"""Training CoDD's HMM prior on a frozen model (ALGORITHMS.md section 6).
 
 Objective: maximise E_t[w(t) log p^(x_0 | x_t)] over the HMM's parameters only, where p^ is the product of experts
-HMM(x) * prod_i q_i(x_i) / Z over a window of W positions and q is the frozen denoiser's p_theta(x_0 | x_t). Each
+HMM(x) * prod_i q_i(x_i) / Z over a window of W positions and q is the frozen model's p_theta(x_0 | x_t). Each
 sequence gets one t, stratified over the batch, its tokens are masked with probability 1 - alpha(t) and the window
 term is weighted by w(t) (1/t for the log-linear schedule), exactly as in the MDLM NELBO; the reported loss is
 -sum_windows w(t) log p^(x_0 | x_t) divided by the number of noisable positions, i.e. nats per token on the NELBO's
 scale. A one-state, uniform-emission HMM reproduces the factorised NELBO exactly, and `factorised_nelbo` on the same
 batch is printed beside it as the baseline the prior has to beat.
 
-Context and windows: the denoiser always runs on the whole noisy sequence x_t, as at sampling time where a block
-is decoded with the full sequence as context. Its log-probs over the generation region (from the first column any
-row may noise to the end, e.g. the answer of a task row) are then cut into consecutive windows of W positions
+Context and windows: the frozen model always runs on the whole noisy sequence x_t, as at sampling time where a
+block is decoded with the full sequence as context. Its log-probs over the generation region (from the first column
+any row may noise to the end, e.g. the answer of a task row) are then cut into consecutive windows of W positions
 starting at the region's first column, the same layout as the sampler's blocks, and each window is scored by the
-HMM on its own (the last window may be shorter). The denoiser may be plain or looped (any S), or any callable
+HMM on its own (the last window may be shorter). The frozen model may be plain or looped (any S), or any callable
 tokens -> log-probs.
 
-Denoiser outputs: with topk = 0 they are recomputed every step (one frozen forward pass per step, no backward).
-With topk = k > 0 a pool of noisy batches is denoised once and only each position's top-k log-probs are kept
-(k * 8 bytes per position), which makes every training step a pure HMM computation. The mass outside the top-k,
-1 - sum(top-k), is spread evenly over the other non-mask tokens rather than dropped: dropping it would give a
-target outside the top-k probability 0 and make its log p^ = -inf.
+Frozen model outputs: with topk = 0 they are recomputed every step (one frozen forward pass per step, no
+backward). With topk = k > 0 a pool of noisy batches is run through the frozen model once and only each position's
+top-k log-probs are kept (k * 8 bytes per position), which makes every training step a pure HMM computation. The
+mass outside the top-k, 1 - sum(top-k), is spread evenly over the other non-mask tokens rather than dropped:
+dropping it would give a target outside the top-k probability 0 and make its log p^ = -inf.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +54,7 @@ from loopdlm.workflow import (
 )
 
 #: The frozen model whose outputs the prior couples: tokens int64 [B, L] (x_t) -> SUBS log-probs float [B, L, V].
-FrozenScorer = Callable[[Tensor], Tensor]
+FrozenLogProbs = Callable[[Tensor], Tensor]
 
 #: Most task examples generated for a task checkpoint's prior (generation is not free, e.g. for sudoku).
 MAX_TASK_EXAMPLES = 20_000
@@ -67,24 +67,24 @@ class SequenceSource(Protocol):
         """(x0 int64 [B, L], noisable bool [B, L] or None = every position)."""
 
 
-def frozen_model_denoiser(model: LoopedTransformer, mask_id: int, loops: int = 1) -> FrozenScorer:
-    """The model as a frozen denoiser: tokens [B, L] -> SUBS log-probs float32 [B, L, V], S = `loops`, no grad."""
+def frozen_log_probs(model: LoopedTransformer, mask_id: int, loops: int = 1) -> FrozenLogProbs:
+    """The model frozen as q: tokens [B, L] (x_t) -> SUBS log-probs float32 [B, L, V] at S = `loops`, no grad."""
     if loops < 1:
         raise UserError(f"loops must be >= 1, got {loops}")
     model.eval()
 
     @torch.no_grad()
-    def denoise(tokens: Tensor) -> Tensor:
+    def log_probs(tokens: Tensor) -> Tensor:
         return subs_log_probs(model(tokens, loops=loops).logits, mask_id)
 
-    return denoise
+    return log_probs
 
 
 @dataclass
 class NoisyBatch:
     """One batch restricted to the generation region of R columns.
 
-    x0 int64 [B, R]; log_q float [B, R, V] the denoiser's log-probs given the whole x_t; observed bool [B, R]
+    x0 int64 [B, R]; log_q float [B, R, V] the frozen model's log-probs given the whole x_t; observed bool [B, R]
     (unmasked in x_t); weight float [B] = w(t); row_tokens int64 [B]: noisable positions per row in the region
     (their sum is the loss denominator).
     """
@@ -113,16 +113,16 @@ def region_start(noisable: Tensor | None) -> int:
     return int(columns[0])
 
 
-def draw_noisy_batch(denoiser: FrozenScorer, x0: Tensor, noisable: Tensor | None, diffusion: MaskedDiffusion,
+def draw_noisy_batch(frozen: FrozenLogProbs, x0: Tensor, noisable: Tensor | None, diffusion: MaskedDiffusion,
                      generator: torch.Generator | None) -> NoisyBatch:
-    """Noise x0 [B, L] (one stratified t per row), run the denoiser on the whole x_t and keep the region."""
+    """Noise x0 [B, L] (one stratified t per row), run the frozen model on the whole x_t and keep the region."""
     t = diffusion.sample_times(x0.shape[0], generator, x0.device)
     xt, masked = apply_mask(x0, diffusion.schedule.mask_probability(t)[:, None], noisable, diffusion.mask_id,
                             generator)
     start = region_start(noisable)
     row_tokens = (noisable[:, start:].sum(dim=1) if noisable is not None
                   else torch.full((x0.shape[0],), x0.shape[1] - start, device=x0.device))
-    return NoisyBatch(x0=x0[:, start:], log_q=denoiser(xt)[:, start:].float(), observed=~masked[:, start:],
+    return NoisyBatch(x0=x0[:, start:], log_q=frozen(xt)[:, start:].float(), observed=~masked[:, start:],
                       weight=diffusion.schedule.weight(t).float(), row_tokens=row_tokens)
 
 
@@ -157,10 +157,15 @@ class CoupledPriorObjective(Objective):
     """CoDD prior fitting as a trainer objective: the coupled NELBO in nats per noisable token, with the frozen
     model's own factorised NELBO on the same batch as the metric "factorised". Batches are clean `TokenBatch`es,
     noised with the step's generator and scored by `frozen` (the frozen model's log-probs), or `NoisyBatch`es of a
-    top-k pool, used as they are."""
+    top-k pool, used as they are.
 
-    def __init__(self, frozen: FrozenScorer | None, diffusion: MaskedDiffusion):
-        self.frozen, self.diffusion = frozen, diffusion
+    fitted_to: what the prior is fitted to (the frozen model, its S, the data and the prior's settings; JSON-like
+    values), saved with checkpoints: resuming a run folder whose prior was fitted to something else is refused, so
+    a prior never mixes two frozen models or two settings."""
+
+    def __init__(self, frozen: FrozenLogProbs | None, diffusion: MaskedDiffusion,
+                 fitted_to: dict[str, Any] | None = None):
+        self.frozen, self.diffusion, self.fitted_to = frozen, diffusion, dict(fitted_to or {})
 
     def loss(self, scorer: ModelCall, batch: TokenBatch | NoisyBatch, generator: torch.Generator) -> LossTerms:
         if not isinstance(batch, NoisyBatch):
@@ -169,16 +174,28 @@ class CoupledPriorObjective(Objective):
         return LossTerms(total=scorer(batch), count=count,
                          metrics={"factorised": factorised_nelbo(batch).detach() * count})
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"fitted_to": self.fitted_to}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("fitted_to", {})
+        differing = sorted(key for key in saved.keys() | self.fitted_to.keys()
+                           if saved.get(key) != self.fitted_to.get(key))
+        if differing:
+            raise UserError("the run folder holds a prior fitted with other settings (" + ", ".join(
+                f"{key} {saved.get(key)!r} -> {self.fitted_to.get(key)!r}" for key in differing) +
+                "); use the same settings to resume it, or another folder")
+
 
 def factorised_nelbo(batch: NoisyBatch) -> Tensor:
-    """The denoiser's own weighted NLL on the same batch and scale (MDLM's NELBO): scalar, nats per token."""
+    """The frozen model's own weighted NLL on the same batch and scale (MDLM's NELBO): scalar, nats per token."""
     nll = -batch.log_q.gather(-1, batch.x0.unsqueeze(-1)).squeeze(-1)
     weighted = torch.where(batch.observed, torch.zeros_like(nll), nll) * batch.weight[:, None]
     return weighted.sum() / batch.row_tokens.sum().clamp(min=1)
 
 
 class TopKPool:
-    """Noisy batches whose denoiser outputs are cached as top-k log-probs (see the module docstring).
+    """Noisy batches whose frozen-model outputs are cached as top-k log-probs (see the module docstring).
 
     Stores x0 [P, R], observed [P, R], weight [P], row_tokens [P], values float32 [P, R, k] and indices int32
     [P, R, k], and returns dense batches on request. vocab_size counts every id; mask_id never receives mass.
@@ -230,8 +247,8 @@ def densify_topk(values: Tensor, indices: Tensor, vocab_size: int, mask_id: int)
 @dataclass
 class CoDDTrainConfig:
     """HMM size and optimisation. window: W (the decoding block the prior will be used with); topk: 0 recomputes
-    the denoiser every step, k > 0 caches top-k log-probs of `pool_batches` noisy batches once and trains on
-    random batches of the pool; chunk_size: vocabulary chunk of the soft evidence (None = all of V)."""
+    the frozen model's log-probs every step, k > 0 caches top-k log-probs of `pool_batches` noisy batches once and
+    trains on random batches of the pool; chunk_size: vocabulary chunk of the soft evidence (None = all of V)."""
 
     n_states: int = 64
     window: int = 32
@@ -258,12 +275,12 @@ class CoDDTrainConfig:
 @dataclass
 class CoDDTrainResult:
     """The trained prior (on the training device), per-step (step, coupled, factorised) losses in nats/token,
-    training wall time in seconds (pool building included) and the number of denoiser forward passes."""
+    training wall time in seconds (pool building included) and the number of the frozen model's forward passes."""
 
     prior: HMMPrior
     history: list[tuple[int, float, float]] = field(default_factory=list)
     seconds: float = 0.0
-    denoiser_passes: int = 0
+    frozen_passes: int = 0
 
 
 def initial_prior(n_states: int, vocab_size: int, init_std: float, seed: int) -> HMMPrior:
@@ -276,21 +293,23 @@ def initial_prior(n_states: int, vocab_size: int, init_std: float, seed: int) ->
     return prior
 
 
-def train_codd_prior(denoiser: FrozenScorer, source: SequenceSource, diffusion: MaskedDiffusion, vocab_size: int,
+def train_codd_prior(frozen: FrozenLogProbs, source: SequenceSource, diffusion: MaskedDiffusion, vocab_size: int,
                      config: CoDDTrainConfig, device: torch.device | str = "cpu",
-                     on_log: Callable[[int, float, float], None] | None = None, out_dir: str | Path | None = None
-                     ) -> CoDDTrainResult:
-    """Fit a fresh HMMPrior(config.n_states, vocab_size) to the frozen `denoiser` with the `Trainer` (Adam at a
+                     on_log: Callable[[int, float, float], None] | None = None, out_dir: str | Path | None = None,
+                     fitted_to: dict[str, Any] | None = None) -> CoDDTrainResult:
+    """Fit a fresh HMMPrior(config.n_states, vocab_size) to the `frozen` model with the `Trainer` (Adam at a
     constant rate: AdamW without weight decay, no clipping, no EMA).
 
     Args:
-        denoiser: tokens [B, L] -> log-probs [B, L, V] (e.g. `frozen_model_denoiser`); never differentiated.
+        frozen: tokens [B, L] -> log-probs [B, L, V] (e.g. `frozen_log_probs`); never differentiated.
         source: clean rows; `next_batch()` is called once per step (topk = 0) or pool_batches times (topk > 0, the
             pool then feeds the steps through a `RowSource`).
         diffusion: noise schedule, times and mask id (one stratified t per row).
         vocab_size: V, every id of the model's vocabulary (mask included).
         on_log: called as on_log(step, coupled, factorised) every config.log_every steps and at the last one.
         out_dir: run folder (metrics.jsonl, checkpoints; a second call on it resumes); None = in memory.
+        fitted_to: what `frozen` and `source` are (e.g. the checkpoint, S, batch size), recorded with the prior's
+            settings in every checkpoint; a resume with other values is refused (`CoupledPriorObjective`).
     Returns:
         CoDDTrainResult.
     """
@@ -302,7 +321,7 @@ def train_codd_prior(denoiser: FrozenScorer, source: SequenceSource, diffusion: 
     def counted(tokens: Tensor) -> Tensor:
         nonlocal passes
         passes += 1
-        return denoiser(tokens)
+        return frozen(tokens)
 
     if config.topk > 0:
         generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -319,13 +338,19 @@ def train_codd_prior(denoiser: FrozenScorer, source: SequenceSource, diffusion: 
     train.eval_every, train.ckpt_every, train.log_every = 0, 0, config.log_every
     logger = [_LogCoupled(on_log)] if on_log is not None else []
     trainer = Trainer(run, CoupledScorer(prior, config.window, config.chunk_size),
-                      CoupledPriorObjective(counted, diffusion), source, None, out_dir,
-                      callbacks=logger)
+                      CoupledPriorObjective(counted, diffusion, {**(fitted_to or {}), **prior_settings(config)}),
+                      source, None, out_dir, callbacks=logger)
     fitted = trainer.fit()
     history = [(step, record["loss"], record["factorised"]) for (step, _, _), record in
                zip(fitted.history, fitted.records)]
     return CoDDTrainResult(prior=prior, history=history, seconds=time.perf_counter() - start_time,
-                           denoiser_passes=passes)
+                           frozen_passes=passes)
+
+
+def prior_settings(config: CoDDTrainConfig) -> dict[str, Any]:
+    """The settings that shape what a run fits (not how long it runs): HMM size, window, data and noise."""
+    return {"n_states": config.n_states, "window": config.window, "topk": config.topk,
+            "pool_batches": config.pool_batches, "init_std": config.init_std, "seed": config.seed}
 
 
 class _LogCoupled(Callback):
@@ -342,7 +367,7 @@ class _LogCoupled(Callback):
 
 
 @torch.no_grad()
-def evaluate_codd(prior: HMMPrior, denoiser: FrozenScorer, source: SequenceSource, diffusion: MaskedDiffusion,
+def evaluate_codd(prior: HMMPrior, frozen: FrozenLogProbs, source: SequenceSource, diffusion: MaskedDiffusion,
                   window: int, batches: int = 8, seed: int = 0, chunk_size: int | None = None,
                   device: torch.device | str = "cpu") -> dict[str, float]:
     """Mean coupled and factorised objectives (nats/token) over `batches` batches of `source` with noise drawn
@@ -352,7 +377,7 @@ def evaluate_codd(prior: HMMPrior, denoiser: FrozenScorer, source: SequenceSourc
     coupled = factorised = 0.0
     for _ in range(batches):
         x0, noisable = source.next_batch()
-        batch = draw_noisy_batch(denoiser, x0.to(device), None if noisable is None else noisable.to(device),
+        batch = draw_noisy_batch(frozen, x0.to(device), None if noisable is None else noisable.to(device),
                                  diffusion, generator)
         coupled += float(coupled_nelbo(prior, batch, window, chunk_size))
         factorised += float(factorised_nelbo(batch))
@@ -361,9 +386,10 @@ def evaluate_codd(prior: HMMPrior, denoiser: FrozenScorer, source: SequenceSourc
 
 def checkpoint_training_source(run: RunConfig, tokenizer: Tokenizer, batch_size: int, config: CoDDTrainConfig
                                ) -> SequenceSource:
-    """Clean training rows for a checkpoint's prior: its task's train split for a task checkpoint (data.task, answer region noisable; as many examples as the run consumes, at most 20000), else its corpus'
-    train split (prepared on first use, as `loopdlm train` does). UserError when the data's tokenizer differs from
-    the checkpoint's."""
+    """Clean training rows for a checkpoint's prior: its task's train split for a task checkpoint (data.task,
+    answer region noisable; as many examples as the run consumes, at most 20000), else its corpus' train split
+    (prepared on first use, as `loopdlm train` does). UserError when the data's tokenizer differs from the
+    checkpoint's."""
     task = task_of(run.data)
     if task is not None:
         wanted = batch_size * (config.pool_batches if config.topk else config.steps)
@@ -377,9 +403,12 @@ def train_codd_from_checkpoint(checkpoint: str | Path, out: str | Path, config: 
                                ) -> CoDDTrainResult:
     """Train a prior for a checkpoint on its own training data and save it into `out` (see save_codd_layer).
 
-    The checkpoint's config names the data (corpus or task, see checkpoint_training_source) and the model;
-    loops: S for the frozen denoiser (0 = the model's training S_max). Raises UserError for an unusable
-    checkpoint, data tokenised differently from the checkpoint, a block-diffusion checkpoint, or bad settings.
+    `out` is also the run folder (metrics.jsonl, checkpoints/): a second call on it resumes the run, so re-running
+    an interrupted or shorter run (more config.steps) continues it exactly as one uninterrupted run; a call with
+    another checkpoint, S, batch size or prior settings is refused. The checkpoint's config names the data (corpus
+    or task, see checkpoint_training_source) and the model; loops: S for the frozen model (0 = the model's training
+    S_max). Raises UserError for an unusable checkpoint, data tokenised differently from the checkpoint, a
+    block-diffusion checkpoint, or bad settings.
     """
     config.validate()
     if batch_size < 1:
@@ -392,12 +421,14 @@ def train_codd_from_checkpoint(checkpoint: str | Path, out: str | Path, config: 
         raise UserError("train-codd supports MDLM checkpoints only (block diffusion is not supported yet)")
     source = checkpoint_training_source(run, tokenizer, batch_size, config)
     depth = loops or model.config.max_loops
-    denoiser = frozen_model_denoiser(model, tokenizer.mask_id, depth)
+    frozen = frozen_log_probs(model, tokenizer.mask_id, depth)
     log(f"training a {config.n_states}-state CoDD prior (W={config.window}) on {loaded.path} with S={depth}, "
         f"{config.steps} steps, batch {batch_size}, " + (f"top-{config.topk} cache" if config.topk else "recomputed q"))
-    result = train_codd_prior(denoiser, source, objective, tokenizer.vocab_size, config, target,
+    fitted_to = {"checkpoint": str(Path(loaded.path).resolve()), "loops": depth, "batch_size": batch_size}
+    result = train_codd_prior(frozen, source, objective, tokenizer.vocab_size, config, target,
                               on_log=lambda step, coupled, factorised: log(
-                                  f"step {step}: coupled {coupled:.4f} nats/token (factorised {factorised:.4f})"))
+                                  f"step {step}: coupled {coupled:.4f} nats/token (factorised {factorised:.4f})"),
+                              out_dir=out, fitted_to=fitted_to)
     save_codd_layer(result.prior, out, config.window, tokenizer.fingerprint(),
                     {"checkpoint": str(loaded.path), "loops": depth, "steps": config.steps, "topk": config.topk,
                      "lr": config.lr, "batch_size": batch_size, "seconds": round(result.seconds, 3)})
@@ -406,6 +437,7 @@ def train_codd_from_checkpoint(checkpoint: str | Path, out: str | Path, config: 
     return result
 
 
-__all__ = ["CoDDTrainConfig", "CoDDTrainResult", "CoupledPriorObjective", "CoupledScorer", "NoisyBatch", "TopKPool", "checkpoint_training_source",
-           "coupled_nelbo", "coupled_nll_sum", "densify_topk", "draw_noisy_batch", "evaluate_codd", "factorised_nelbo",
-           "frozen_model_denoiser", "initial_prior", "region_start", "train_codd_from_checkpoint", "train_codd_prior"]
+__all__ = ["CoDDTrainConfig", "CoDDTrainResult", "CoupledPriorObjective", "CoupledScorer", "FrozenLogProbs",
+           "NoisyBatch", "TopKPool", "checkpoint_training_source", "coupled_nelbo", "coupled_nll_sum", "densify_topk",
+           "draw_noisy_batch", "evaluate_codd", "factorised_nelbo", "frozen_log_probs", "initial_prior",
+           "region_start", "train_codd_from_checkpoint", "train_codd_prior"]

@@ -1,4 +1,5 @@
-"""Checkpoint folders: written atomically, found through a `latest` pointer, pruned to the newest few.
+"""The checkpoint file format: folders written atomically, found through a `latest` pointer, pruned to the newest
+few. What a run saves into them, and when, is `train/checkpointing.py`'s job (the `Checkpointer` component).
 
 Layout of one checkpoint, out_dir/checkpoints/step_{N:08d}/:
   model.safetensors   live weights              ema.safetensors   EMA weights (when EMA is on)
