@@ -12,7 +12,7 @@ Runs per seed (every model is the task preset's 4-layer d=128 stack unless said)
 
 On a task, each trained run is scored on --n held-out problems (the task's test split, the same for every run), greedy
 most-confident-first, at every decoding-step count of --decode-steps x every S of --loops, and (looped runs) with
-the adaptive exit policy at S_max = max(--loops) for every --exit-eps. On shakespeare, each run is scored on the
+the adaptive exit policy for every --exit-eps at every cap of --exit-caps. On shakespeare, each run is scored on the
 same --lm-batches validation batches at every S. Scores are cached in RUN/scores.json, so an
 interrupted study resumes where it stopped: training continues from the last checkpoint, finished scores are kept.
 
@@ -56,8 +56,12 @@ def main() -> None:
     parser.add_argument("--loops", type=int, nargs="+", default=[1, 2, 4, 6, 8, 12, 16, 24])
     parser.add_argument("--decode-steps", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--exit-eps", type=float, nargs="+", default=[0.2, 0.1, 0.05, 0.02])
+    parser.add_argument("--exit-caps", type=int, nargs="+", default=[4, 24], help="largest S of the adaptive "
+                        "policy (the presets train with S_max = 4)")
     parser.add_argument("--n", type=int, default=200, help="held-out problems per score")
     parser.add_argument("--lm-batches", type=int, default=32, help="shakespeare: validation batches per score")
+    parser.add_argument("--attention-loops", type=int, default=8, help="S of the attention analysis of looped runs "
+                        "(masked-query attention to masked keys per core layer and loop; 0 = skip)")
     parser.add_argument("--parallel", type=int, default=2, help="jobs at a time, one thread each")
     parser.add_argument("--root", default=None, help="default: runs/study/loop_study/TASK-STEPS")
     parser.add_argument("--train-only", action="store_true", help="train (or resume) the runs, score nothing")
@@ -166,13 +170,18 @@ def score_run(args, run: dict) -> None:
                                     "--loops", *map(str, missing)]):
                 scores[f"fixed|{steps}|{report['loops']}"] = report
             path.write_text(json.dumps(scores, indent=1) + "\n")
-        for eps in args.exit_eps if looped else []:
-            key = f"adaptive|{steps}|{max(args.loops)}|{eps}"
+        for cap, eps in [(cap, eps) for cap in args.exit_caps for eps in args.exit_eps] if looped else []:
+            key = f"adaptive|{steps}|{cap}|{eps}"
             if key not in scores:
                 (report,) = cli_json([*base, "--steps", str(steps), "--loop-policy", "adaptive", "--loop-eps",
-                                      str(eps), "--loops", str(max(args.loops))])
+                                      str(eps), "--loops", str(cap)])
                 scores[key] = report
                 path.write_text(json.dumps(scores, indent=1) + "\n")
+    key = f"attention|{args.attention_loops}"
+    if looped and args.attention_loops and key not in scores:
+        scores[key] = cli_json(["attention", "--checkpoint", str(run["dir"]), "--loops", str(args.attention_loops),
+                                "--n", "64", "--seed", "0", "--device", "cpu", "--json"])
+        path.write_text(json.dumps(scores, indent=1) + "\n")
 
 
 def combine(args, runs: list[dict], slug: str) -> dict:
@@ -188,7 +197,8 @@ def combine(args, runs: list[dict], slug: str) -> dict:
                     for s in sorted({r["loops"] for r in val})},
             "scores": json.loads((run["dir"] / SCORES).read_text())})
     summary = {"task": args.task, "steps": args.steps, "n": args.n, "loops": args.loops,
-               "decode_steps": args.decode_steps, "exit_eps": args.exit_eps, "overrides": args.overrides,
+               "decode_steps": args.decode_steps, "exit_eps": args.exit_eps, "exit_caps": args.exit_caps,
+               "overrides": args.overrides,
                "models": {}}
     if args.task == LM:
         for model, items in by_model.items():
@@ -216,9 +226,9 @@ def summarise_model(args, model: str, items: list[dict]) -> dict:
             accuracy[f"{steps}|{s}"] = [*mean_spread(values), values]
     adaptive = {}
     for steps in args.decode_steps:
-        for eps in (args.exit_eps if looped else []):
-            reports = [item["scores"][f"adaptive|{steps}|{max(args.loops)}|{eps}"] for item in items]
-            adaptive[f"{steps}|{eps}"] = {
+        for cap, eps in [(cap, eps) for cap in args.exit_caps for eps in args.exit_eps] if looped else []:
+            reports = [item["scores"][f"adaptive|{steps}|{cap}|{eps}"] for item in items]
+            adaptive[f"{steps}|{cap}|{eps}"] = {
                 "accuracy": [*mean_spread([r["accuracy"] for r in reports]), [r["accuracy"] for r in reports]],
                 "core_per_step": mean_spread([r["core_applications"] / steps for r in reports])[0]}
     final_val = {s: mean_spread([item["val"][s][-1][2] for item in items if s in item["val"]])
@@ -226,7 +236,23 @@ def summarise_model(args, model: str, items: list[dict]) -> dict:
     return {"seeds": [item["seed"] for item in items], "updates": items[0]["steps"],
             "train_flops": mean_spread([item["flops"] for item in items])[0], "final_val": final_val,
             "val_curves": {item["seed"]: item["val"] for item in items}, "accuracy": accuracy,
-            "adaptive": adaptive, "stderr_n": args.n}
+            "adaptive": adaptive, "attention_lift": attention_lift(args, items) if looped else {}}
+
+
+def attention_lift(args, items: list[dict]) -> dict[str, list[float]]:
+    """"layer|loop" -> [mean, half-range] over seeds of the masked-key lift (attention mass on masked keys over
+    their share of the keys) of masked queries, averaged over the analysed noise levels; core layers only."""
+    key = f"attention|{args.attention_loops}"
+    if not args.attention_loops or any(key not in item["scores"] for item in items):
+        return {}
+    per_seed = []
+    for item in items:
+        cells: dict[str, list[float]] = {}
+        for record in item["scores"][key]:
+            if record["loop"] > 0:
+                cells.setdefault(f"{record['layer']}|{record['loop']}", []).append(record["lift"])
+        per_seed.append({cell: sum(v) / len(v) for cell, v in cells.items()})
+    return {cell: list(mean_spread([seed[cell] for seed in per_seed])) for cell in per_seed[0]}
 
 
 def summarise_lm_model(args, model: str, items: list[dict]) -> dict:
@@ -308,19 +334,34 @@ def tables(args, models: dict) -> list[str]:
         for d in args.decode_steps:
             lines.append(f"| {model} | {d} | " + " | ".join(
                 f"{100 * m['accuracy'][f'{d}|{s}'][0]:.1f}" for s in args.loops) + " |")
-    lines += ["", "| model | decoding steps | best fixed S (solve, core applications / step) | "
-              + " | ".join(f"adaptive eps={e}" for e in args.exit_eps) + " |",
-              "|---|---|---|" + "---|" * len(args.exit_eps)]
+    lines += ["", "| model | decoding steps | best fixed S | cheapest fixed S within one s.e. of it | adaptive cap "
+              "| " + " | ".join(f"adaptive eps={e}" for e in args.exit_eps) + " |",
+              "|---|---|---|---|---|" + "---|" * len(args.exit_eps)]
     for model, m in models.items():
         if not m["adaptive"]:
             continue
         for d in args.decode_steps:
             cells = {s: m["accuracy"][f"{d}|{s}"][0] for s in args.loops}
             best = max(cells, key=cells.get)
-            row = [f"{100 * m['adaptive'][f'{d}|{e}']['accuracy'][0]:.1f}% at "
-                   f"{m['adaptive'][f'{d}|{e}']['core_per_step']:.1f}" for e in args.exit_eps]
-            lines.append(f"| {model} | {d} | S = {best}: {100 * cells[best]:.1f}% at {best} | " + " | ".join(row)
-                         + " |")
+            # The standard error of a mean over seeds of binomial rates, each on args.n puzzles.
+            se = math.sqrt(cells[best] * (1 - cells[best]) / (args.n * len(m["seeds"])))
+            cheapest = min(s for s in args.loops if cells[s] >= cells[best] - se)
+            for cap in args.exit_caps:
+                row = [f"{100 * m['adaptive'][f'{d}|{cap}|{e}']['accuracy'][0]:.1f}% at "
+                       f"{m['adaptive'][f'{d}|{cap}|{e}']['core_per_step']:.2f}" for e in args.exit_eps]
+                lines.append(f"| {model} | {d} | S = {best}: {100 * cells[best]:.1f}% | S = {cheapest}: "
+                             f"{100 * cells[cheapest]:.1f}% | {cap} | " + " | ".join(row) + " |")
+    lines.append("(adaptive cells: solve rate at mean core applications per decoding step; a fixed S uses S)")
+    if not any(m.get("attention_lift") for m in models.values()):
+        return lines
+    lines += ["", "| masked-key lift: model | core layer | "
+              + " | ".join(f"loop {k}" for k in range(1, args.attention_loops + 1)) + " |",
+              "|---|---|" + "---|" * args.attention_loops]
+    for model, m in models.items():
+        layers = sorted({int(cell.split("|")[0]) for cell in m.get("attention_lift", {})})
+        for layer in layers:
+            lifts = [m["attention_lift"][f"{layer}|{k}"] for k in range(1, args.attention_loops + 1)]
+            lines.append(f"| {model} | {layer} | " + " | ".join(f"{v[0]:.2f} +- {v[1]:.2f}" for v in lifts) + " |")
     return lines
 
 
