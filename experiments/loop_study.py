@@ -8,6 +8,7 @@ Runs per seed (every model is the task preset's 4-layer d=128 stack unless said)
   loopmdm          the library's default LoopMDM recipe (the preset: core = layers 1-2, S ~ U{1..4}, loop norm)
   loopmdm-eqflops  the same recipe with the MDM's training FLOPs (fewer updates, its own full LR schedule)
   paper            the paper-faithful recipe (no loop norm), --steps updates
+  loopmdm-inject   the default recipe plus additive input injection (the prelude output added before every loop)
   deep             a 7-layer MDM: LoopMDM's expected per-step FLOPs, --steps updates
 
 On a task, each trained run is scored on --n held-out problems (the task's test split, the same for every run), greedy
@@ -37,10 +38,10 @@ from loop_ablation import PAPER
 PRESETS = {"sudoku4": "sudoku4-tiny", "sudoku9": "sudoku4-tiny", "add": "add-tiny", "mul": "add-tiny",
            "shakespeare": "tiny-cpu"}
 LM = "shakespeare"
-MODELS = ["mdm", "loopmdm", "loopmdm-eqflops", "paper", "deep"]
+MODELS = ["mdm", "loopmdm", "loopmdm-eqflops", "paper", "loopmdm-inject", "deep"]
 #: The library's default LoopMDM recipe (the sudoku4 and demo presets'), spelled out so the study keeps its meaning.
 LOOPMDM = [*PAPER, "model.loop_norm=true"]
-LOOPED = {"loopmdm", "loopmdm-eqflops", "paper"}
+LOOPED = {"loopmdm", "loopmdm-eqflops", "paper", "loopmdm-inject"}
 SCORES = "scores.json"
 
 
@@ -90,7 +91,8 @@ def main() -> None:
 
 def model_overrides(model: str) -> list[str]:
     """Config overrides of a model on top of the task preset (whose LoopMDM recipe is the library default)."""
-    return {"mdm": MDM, "loopmdm": LOOPMDM, "loopmdm-eqflops": LOOPMDM, "paper": PAPER, "deep": DEEP}[model]
+    return {"mdm": MDM, "loopmdm": LOOPMDM, "loopmdm-eqflops": LOOPMDM, "paper": PAPER,
+            "loopmdm-inject": [*LOOPMDM, "model.injection=add"], "deep": DEEP}[model]
 
 
 def equal_flops_steps(args, preset: str) -> int:
