@@ -315,6 +315,11 @@ def test_densify_topk_spreads_the_leftover_mass_and_is_exact_for_full_k():
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A run folder with one checkpoint of a tiny model trained on nothing, over a tiny text corpus."""
+    return make_tiny_checkpoint(tmp_path)
+
+
+def make_tiny_checkpoint(tmp_path):
+    """(run folder, tokenizer) of `tiny_checkpoint`, made in the folder `tmp_path`."""
     text = tmp_path / "corpus.txt"
     text.write_text("abcab cabba " * 40)
     config = RunConfig()

@@ -1,5 +1,5 @@
 """Two gloo processes on CPU against single-process references over the same global batches (MDLM, FSDP, WINO+,
-CoDD prior fitting)."""
+CoDD prior fitting; the last two also through their public functions and `loopdlm train-codd`)."""
 
 import json
 import os
@@ -9,15 +9,37 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from loopdlm.cli import main
 from loopdlm.config import RunConfig
 from loopdlm.data.batches import PairedSource, RowSource, TensorRows
+from loopdlm.data.task_source import task_tokenizer
+from loopdlm.data.tasks import SudokuTask
 from loopdlm.diffusion import LogLinear, MaskedDiffusion
 from loopdlm.models import LoopedTransformer
 from loopdlm.train import TensorBatchSource, Trainer, read_weights, setup_distributed, teardown_distributed
-from loopdlm.train.codd_training import CoupledPriorObjective, CoupledScorer, frozen_log_probs, initial_prior
-from loopdlm.train.wino_plus import WinoPlusBatch, WinoPlusLossWeights, WinoPlusObjective, WinoPlusRows
+from loopdlm.train.codd_training import (
+    CoDDTrainConfig,
+    CoupledPriorObjective,
+    CoupledScorer,
+    frozen_log_probs,
+    initial_prior,
+    train_codd_prior,
+)
+from loopdlm.train.wino_plus import (
+    SupervisedAnchor,
+    WinoPlusBatch,
+    WinoPlusLossWeights,
+    WinoPlusObjective,
+    WinoPlusRows,
+    finetune_wino_plus,
+    record_trajectories,
+)
+from loopdlm.workflow import load_pretrained
 from conftest import make_model
+from test_coupling import make_tiny_checkpoint
+from test_trainer_objectives import prior_weights
 from test_train import MASK_ID, SEQ_LEN, VOCAB, InterruptAfter, RowKeyedNoise, random_corpus, run_config
+from test_wino import ScriptedSudoku, wino_plus_model
 
 WORLD = 2
 PER_RANK_BATCH = 4
@@ -72,6 +94,81 @@ def make_codd_run(root, rank: int, world: int, batch_size: int, grad_accum: int 
     return Trainer(config, scorer, objective, source, None, root / "codd", **options)
 
 
+class SeenRows(WinoPlusRows):
+    """WINO+ rows that remember the indices of the rows read from them."""
+
+    def __init__(self, rows: WinoPlusRows):
+        super().__init__(rows.inputs, rows.clean, rows.targets, rows.block)
+        self.seen: list[int] = []
+
+    def select(self, index):
+        self.seen.extend(index.tolist())
+        return super().select(index)
+
+
+def finetune_through_public_function(batch_size: int, grad_accum: int = 1, dist=None):
+    """(model, log, row indices read) of 4 `finetune_wino_plus` updates with the supervised anchor, on this
+    process's share of the rows."""
+    rows = SeenRows(wino_plus_rows())
+    model = make_model(vocab_size=VOCAB, n_layers=2, core=(0, 1), max_loops=3, tie_embeddings=True, seed=3)
+    anchor = SupervisedAnchor(random_corpus(16, seed=5), torch.ones(16, SEQ_LEN, dtype=torch.bool),
+                              MaskedDiffusion(MASK_ID), weight=0.5, batch_size=batch_size // 2)
+    log = finetune_wino_plus(model, rows, MASK_ID, steps=4, lr=3e-3, batch_size=batch_size, seed=1,
+                             weights=WinoPlusLossWeights(confident_above=0.2), anchor=anchor, grad_accum=grad_accum,
+                             dist=dist)
+    return model, log, rows.seen
+
+
+def fit_prior_through_public_function(batch_size: int, topk: int, dist=None):
+    """(result, the rows x_t the frozen model ran on) of 4 `train_codd_prior` updates (3-state prior, window 4)
+    on this process's share of the rows."""
+    frozen_inputs = []
+    frozen = frozen_log_probs(make_model(vocab_size=VOCAB, n_layers=2, core=(0, 1), seed=4), MASK_ID, loops=2)
+
+    def recorded(tokens):
+        frozen_inputs.extend(tokens.tolist())
+        return frozen(tokens)
+
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    source = TensorBatchSource(random_corpus(), batch_size=batch_size, seed=1, rank=rank, world_size=world)
+    # Adam's first updates are about lr x sign(gradient): at lr 0.01 the fp32 rounding of gradients summed in
+    # another order stays well under the 1e-6 the comparisons allow.
+    config = CoDDTrainConfig(n_states=3, window=4, steps=4, lr=0.01, topk=topk, pool_batches=3, seed=7)
+    result = train_codd_prior(recorded, source, MaskedDiffusion(MASK_ID, LogLinear()), VOCAB, config, dist=dist)
+    return result, frozen_inputs
+
+
+def record_sudoku(dist=None):
+    """Trajectories recorded one prompt per batch; prompts pass on their 1st, 2nd, never, 1st verification."""
+    task = SudokuTask(4, givens=6)
+    tokenizer, examples = task_tokenizer(task), task.generate(4, seed=0)
+    scripted = ScriptedSudoku([e.prompt for e in examples], passes_on=[1, 2, 0, 1])
+    trajectories = record_trajectories(wino_plus_model(tokenizer), scripted, tokenizer, examples, batch_size=1,
+                                       seed=3, dist=dist)
+    return [(t.example_index, t.temperature, t.tokens.tolist(), t.accept_step.tolist(), t.window_index.tolist())
+            for t in trajectories]
+
+
+def train_codd_command(checkpoint, out, batch_size: int) -> int:
+    return main(["train-codd", "--checkpoint", str(checkpoint), "--out", str(out), "--states", "3", "--window", "8",
+                 "--steps", "3", "--batch-size", str(batch_size), "--topk", "2", "--pool-batches", "2", "--lr",
+                 "0.01", "--device", "cpu"])
+
+
+def _public_functions(info, root) -> dict:
+    """WINO+ recording and fine-tuning, CoDD prior fitting (top-k pool and recomputed) and `loopdlm train-codd`
+    on this rank; rank 0 saves the weights."""
+    model, log, seen = finetune_through_public_function(PER_RANK_BATCH, dist=info)
+    pooled, pool_inputs = fit_prior_through_public_function(PER_RANK_BATCH, topk=3, dist=info)
+    recomputed, step_inputs = fit_prior_through_public_function(PER_RANK_BATCH, topk=0, dist=info)
+    exit_code = train_codd_command(root / "tiny" / "run", root / "codd-command", PER_RANK_BATCH // 2)
+    if info.is_main:
+        torch.save({"wino-plus": model.state_dict(), "pooled": pooled.prior.state_dict()}, root / "public.pt")
+    return {"wino-plus": {"log": log, "seen": seen}, "trajectories": record_sudoku(info),
+            "pooled": {"history": pooled.history, "frozen_inputs": pool_inputs},
+            "recomputed": {"history": recomputed.history, "frozen_inputs": step_inputs}, "command": exit_code}
+
+
 def _worker(rank: int, port: int, root) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -98,6 +195,8 @@ def _worker(rank: int, port: int, root) -> None:
         summary = {name: {"history": r.history, "eval": {str(k): v for k, v in r.eval_metrics.items()}}
                    for name, r in results.items()}
         (root / f"rank{rank}.json").write_text(json.dumps(summary))
+        # What each rank saw differs by design; kept apart from the summary the ranks must agree on.
+        (root / f"rank{rank}-public.json").write_text(json.dumps(_public_functions(info, root)))
     finally:
         teardown_distributed()
 
@@ -111,6 +210,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
+    (root / "tiny").mkdir()
+    make_tiny_checkpoint(root / "tiny")  # the frozen checkpoint of `loopdlm train-codd`
     mp.spawn(_worker, args=(_free_port(), root), nprocs=WORLD, join=True)
     return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
@@ -125,6 +226,11 @@ def assert_weights_close(run_dir, reference_dir) -> None:
         assert got.keys() == want.keys()
         for name in want:
             torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def public_runs(root) -> list[dict]:
+    """Every rank's `_public_functions` results."""
+    return [json.loads((root / f"rank{r}-public.json").read_text()) for r in range(WORLD)]
 
 
 def losses(history) -> list[float]:
@@ -185,3 +291,73 @@ def test_wino_plus_and_codd_prior_training_under_ddp_equal_one_process(two_rank_
     assert losses(rank0[name]["history"]) == pytest.approx(losses(reference.history), rel=1e-5)
     assert len(set(losses(reference.history))) > 1  # the runs actually trained
     assert_weights_close(root / name, tmp_path / name)
+
+
+def test_finetune_wino_plus_splits_the_rows_over_ranks_and_equals_one_process(two_rank_runs):
+    # Each WINO+ term is a mean over its micro-batch's positions, so 2 ranks x batch 4 equal 1 process x batch 4 x
+    # 2 accumulated micro-batches (the same rows, the same anchor noise per shard).
+    root, _ = two_rank_runs
+    rank0, rank1 = public_runs(root)
+    wino0, wino1 = rank0["wino-plus"], rank1["wino-plus"]
+    model, log, seen = finetune_through_public_function(PER_RANK_BATCH, grad_accum=WORLD)
+    assert wino0["log"] == wino1["log"]
+    assert [r["loss"] for r in wino0["log"]] == pytest.approx([r["loss"] for r in log], rel=1e-6)
+    assert len({r["loss"] for r in log}) > 1
+    # The ranks read disjoint rows, together the single process's rows, micro-batch by micro-batch.
+    assert len(wino0["seen"]) == len(wino1["seen"]) == 4 * PER_RANK_BATCH
+    assert not set(wino0["seen"][:PER_RANK_BATCH * 2]) & set(wino1["seen"][:PER_RANK_BATCH * 2])
+    chunks = [seen[i:i + PER_RANK_BATCH] for i in range(0, len(seen), PER_RANK_BATCH)]
+    assert chunks[0::2] == [wino0["seen"][i:i + PER_RANK_BATCH] for i in range(0, 4 * PER_RANK_BATCH, PER_RANK_BATCH)]
+    assert chunks[1::2] == [wino1["seen"][i:i + PER_RANK_BATCH] for i in range(0, 4 * PER_RANK_BATCH, PER_RANK_BATCH)]
+    saved = torch.load(root / "public.pt")["wino-plus"]
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(saved[name], tensor, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_recorded_trajectories_are_shared_out_and_gathered(two_rank_runs):
+    # Rank r decodes batches r, r + 2, ...; both ranks return exactly the single process's recording.
+    rank0, rank1 = public_runs(two_rank_runs[0])
+    reference = [list(t) for t in record_sudoku()]
+    assert [(t[0], t[1]) for t in reference] == [(0, 0.0), (1, 0.1), (3, 0.0)]
+    assert rank0["trajectories"] == rank1["trajectories"] == reference
+
+
+def test_codd_top_k_pool_is_built_in_shares_and_two_ranks_equal_one_process_with_the_whole_batch(two_rank_runs):
+    # Every rank noises the whole global batch from the one seeded stream and runs the frozen model on its own
+    # rows; with the exchanged pool, 2 ranks x batch 4 train exactly as 1 process x batch 8.
+    root, _ = two_rank_runs
+    rank0, rank1 = public_runs(root)
+    pooled0, pooled1 = rank0["pooled"], rank1["pooled"]
+    reference, frozen_inputs = fit_prior_through_public_function(PER_RANK_BATCH * WORLD, topk=3)
+    assert pooled0["history"] == pooled1["history"]
+    assert [v for h in pooled0["history"] for v in h] == pytest.approx([v for h in reference.history for v in h],
+                                                                       rel=1e-6)
+    assert len({coupled for _, coupled, _ in reference.history}) > 1
+    assert len(pooled0["frozen_inputs"]) == len(pooled1["frozen_inputs"]) == 3 * PER_RANK_BATCH
+    assert pooled0["frozen_inputs"] != pooled1["frozen_inputs"]
+    for batch in range(3):
+        mine = slice(batch * PER_RANK_BATCH, (batch + 1) * PER_RANK_BATCH)
+        whole = frozen_inputs[batch * 2 * PER_RANK_BATCH:(batch + 1) * 2 * PER_RANK_BATCH]
+        assert pooled0["frozen_inputs"][mine] + pooled1["frozen_inputs"][mine] == whole
+    saved = torch.load(root / "public.pt")["pooled"]
+    for name, tensor in reference.prior.state_dict().items():
+        torch.testing.assert_close(saved[name], tensor, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_codd_recomputing_q_splits_each_step_over_ranks(two_rank_runs):
+    rank0, rank1 = public_runs(two_rank_runs[0])
+    recomputed0, recomputed1 = rank0["recomputed"], rank1["recomputed"]
+    assert recomputed0["history"] == recomputed1["history"]  # losses all-reduced: one prior on both ranks
+    assert len(recomputed0["frozen_inputs"]) == len(recomputed1["frozen_inputs"]) == 4 * PER_RANK_BATCH
+    assert recomputed0["frozen_inputs"] != recomputed1["frozen_inputs"]
+
+
+def test_train_codd_command_under_two_ranks_equals_one_process_with_the_whole_batch(two_rank_runs, tmp_path):
+    root, _ = two_rank_runs
+    rank0, rank1 = public_runs(root)
+    assert rank0["command"] == rank1["command"] == 0
+    assert train_codd_command(root / "tiny" / "run", tmp_path / "single", PER_RANK_BATCH) == 0
+    vocab_size = load_pretrained(root / "tiny" / "run").model.config.vocab_size
+    got, want = prior_weights(root / "codd-command", vocab_size), prior_weights(tmp_path / "single", vocab_size)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-6, msg=name)

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
                         help="W: positions per HMM window; use the sampler's block length")
     parser.add_argument("--steps", type=positive_int, default=defaults.steps, help="Adam steps")
     parser.add_argument("--lr", type=positive_float, default=defaults.lr, help="Adam learning rate on the HMM logits")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="training sequences per step")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="training sequences per step and process")
     parser.add_argument("--loops", type=non_negative_int, default=0,
                         help="core applications S of the frozen model (0 = S_max)")
     parser.add_argument("--topk", type=non_negative_int, default=defaults.topk,

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from loopdlm.data.batches import BatchSource
 from loopdlm.errors import UserError
 from loopdlm.eval.likelihood import likelihood_bound
-from loopdlm.train.distributed import all_reduce_sum, reshard
+from loopdlm.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, reshard
 from loopdlm.train.metrics import format_validation
 
 if TYPE_CHECKING:
@@ -126,7 +126,8 @@ class EarlyStopping(Callback):
     win a tie) are loaded back when the run ends.
     patience: stop after this many evaluations in a row without improvement (0 = run every step).
     `scores` holds (step, score) in order and `best_step` the step whose weights were kept. Its memory of the best
-    weights lives in this process: a resumed run starts selecting afresh.
+    weights lives in this process: a resumed run starts selecting afresh. Under torchrun every rank scores its
+    replica and all follow rank 0's score, so they keep the same weights and stop at the same step.
     """
 
     score: Callable[[nn.Module], float]
@@ -142,23 +143,27 @@ class EarlyStopping(Callback):
             raise UserError(f"early stopping needs every >= 1, got {self.every}")
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        self.check(trainer.model, trainer.step)
+        self.check(trainer.model, trainer.step, trainer.dist)
 
     def on_step_end(self, trainer: Trainer, last: bool) -> bool:
         if last or trainer.step % self.every == 0:
-            return self.check(trainer.model, trainer.step)
+            return self.check(trainer.model, trainer.step, trainer.dist)
         return False
 
     def on_fit_end(self, trainer: Trainer) -> None:
         self.restore(trainer.model)
 
-    def check(self, model: nn.Module, step: int) -> bool:
+    def check(self, model: nn.Module, step: int, dist: DistInfo | None = None) -> bool:
         """Score `model` (in eval mode, its mode restored after) at `step`, keeping a copy of its weights when they
-        are the best so far. Returns True when `patience` evaluations in a row brought no improvement."""
+        are the best so far. Returns True when `patience` evaluations in a row brought no improvement. With `dist`,
+        rank 0's score counts on every rank: a score that differs by a hair between devices must not make one
+        rank stop while the others wait for it."""
         was_training = model.training
         model.eval()
         score = float(self.score(model))
         model.train(was_training)
+        if dist is not None:
+            score = all_gather_objects(score, dist)[0]
         if self._best_state is None or score > max(s for _, s in self.scores):
             self.best_step, self._best_state, self._since_best = step, copy.deepcopy(model.state_dict()), 0
         else:

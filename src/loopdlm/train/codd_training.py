@@ -44,13 +44,13 @@ from loopdlm.models.transformer import LoopedTransformer
 from loopdlm.sampling.codd import HMMPrior
 from loopdlm.sampling.coupling import save_codd_layer, window_chunks
 from loopdlm.train.callbacks import Callback
+from loopdlm.train.distributed import DistInfo, all_gather_rows, on_main_rank, setup_distributed
 from loopdlm.train.objective import LossTerms, ModelCall, Objective
 from loopdlm.train.trainer import Trainer
 from loopdlm.workflow import (
     build_objective,
     checkpoint_corpus_split,
     load_pretrained,
-    resolve_device,
 )
 
 #: The frozen model whose outputs the prior couples: tokens int64 [B, L] (x_t) -> SUBS log-probs float [B, L, V].
@@ -114,12 +114,17 @@ def region_start(noisable: Tensor | None) -> int:
 
 
 def draw_noisy_batch(frozen: FrozenLogProbs, x0: Tensor, noisable: Tensor | None, diffusion: MaskedDiffusion,
-                     generator: torch.Generator | None) -> NoisyBatch:
-    """Noise x0 [B, L] (one stratified t per row), run the frozen model on the whole x_t and keep the region."""
+                     generator: torch.Generator | None, rows: slice = slice(None)) -> NoisyBatch:
+    """Noise x0 [B, L] (one stratified t per row), run the frozen model on the whole x_t and keep the region.
+
+    rows: keep only these rows (a rank's share of a global batch). The noise is still drawn for the whole batch,
+    as one process would draw it, and the frozen model runs on the kept rows only."""
     t = diffusion.sample_times(x0.shape[0], generator, x0.device)
     xt, masked = apply_mask(x0, diffusion.schedule.mask_probability(t)[:, None], noisable, diffusion.mask_id,
                             generator)
     start = region_start(noisable)
+    x0, xt, masked, t = x0[rows], xt[rows], masked[rows], t[rows]
+    noisable = None if noisable is None else noisable[rows]
     row_tokens = (noisable[:, start:].sum(dim=1) if noisable is not None
                   else torch.full((x0.shape[0],), x0.shape[1] - start, device=x0.device))
     return NoisyBatch(x0=x0[:, start:], log_q=frozen(xt)[:, start:].float(), observed=~masked[:, start:],
@@ -220,6 +225,17 @@ class TopKPool:
     def __len__(self) -> int:
         return len(self.x0)
 
+    def gather_ranks(self, info: DistInfo, batches: int) -> None:
+        """Turn this rank's pool, built from its rows of `batches` global batches, into the whole pool, in place:
+        every rank then holds every global batch's entries, batch after batch and within a batch in rank order,
+        i.e. the pool one process builds from the same global batches. A no-op in a single process."""
+        if not info.distributed:
+            return
+        for name in ("values", "indices", "x0", "observed", "weight", "row_tokens"):
+            local = getattr(self, name)
+            by_rank = all_gather_rows(local, info).view(info.world_size, batches, -1, *local.shape[1:])
+            setattr(self, name, by_rank.transpose(0, 1).reshape(-1, *local.shape[1:]))
+
     def select(self, rows: Tensor) -> NoisyBatch:
         """Dense NoisyBatch of the pool entries `rows` (int64 [B])."""
         values, indices = self.values[rows], self.indices[rows].long()
@@ -296,24 +312,35 @@ def initial_prior(n_states: int, vocab_size: int, init_std: float, seed: int) ->
 def train_codd_prior(frozen: FrozenLogProbs, source: SequenceSource, diffusion: MaskedDiffusion, vocab_size: int,
                      config: CoDDTrainConfig, device: torch.device | str = "cpu",
                      on_log: Callable[[int, float, float], None] | None = None, out_dir: str | Path | None = None,
-                     fitted_to: dict[str, Any] | None = None) -> CoDDTrainResult:
+                     fitted_to: dict[str, Any] | None = None, dist: DistInfo | None = None) -> CoDDTrainResult:
     """Fit a fresh HMMPrior(config.n_states, vocab_size) to the `frozen` model with the `Trainer` (Adam at a
     constant rate: AdamW without weight decay, no clipping, no EMA).
 
     Args:
         frozen: tokens [B, L] -> log-probs [B, L, V] (e.g. `frozen_log_probs`); never differentiated.
-        source: clean rows; `next_batch()` is called once per step (topk = 0) or pool_batches times (topk > 0, the
-            pool then feeds the steps through a `RowSource`).
+        source: this rank's clean rows (shard a `RowSource` by `dist`'s rank and world size); `next_batch()` is
+            called once per step (topk = 0) or pool_batches times (topk > 0, the pool then feeds the steps through
+            a `RowSource` sharded by rank).
         diffusion: noise schedule, times and mask id (one stratified t per row).
         vocab_size: V, every id of the model's vocabulary (mask included).
         on_log: called as on_log(step, coupled, factorised) every config.log_every steps and at the last one.
         out_dir: run folder (metrics.jsonl, checkpoints; a second call on it resumes); None = in memory.
         fitted_to: what `frozen` and `source` are (e.g. the checkpoint, S, batch size), recorded with the prior's
             settings in every checkpoint; a resume with other values is refused (`CoupledPriorObjective`).
+        dist: this process's place under torchrun (default `setup_distributed(device)`); only rank 0 writes.
     Returns:
-        CoDDTrainResult.
+        CoDDTrainResult (the same prior on every rank; frozen_passes counts this rank's passes).
+
+    Under torchrun each rank scores its share of every global batch. The top-k pool is built in shares too: every
+    rank draws the noise of the whole global batch from the one seeded stream, runs the frozen model on its own
+    rows only, and the ranks then exchange their top-k entries, so each holds the pool one process would build
+    (exchanging is cheap, k x 8 bytes a position, while the frozen passes are the pool's cost). Since a pool
+    batch carries its noise and the coupled NELBO is a sum over tokens divided by the global count, 2 ranks x
+    batch B then train exactly as 1 process x batch 2B; with topk = 0 the noise is drawn per rank's micro-batch
+    (`Trainer`), so 2 ranks x B equal 1 process x B with 2 accumulated micro-batches.
     """
     config.validate()
+    dist = dist if dist is not None else setup_distributed(str(torch.device(device)))
     start_time = time.perf_counter()
     prior = initial_prior(config.n_states, vocab_size, config.init_std, config.seed).to(device)
     passes = 0
@@ -325,10 +352,16 @@ def train_codd_prior(frozen: FrozenLogProbs, source: SequenceSource, diffusion: 
 
     if config.topk > 0:
         generator = torch.Generator(device=device).manual_seed(config.seed)
-        noisy = [draw_noisy_batch(counted, *source.next_batch().to(device), diffusion, generator)
-                 for _ in range(config.pool_batches)]
+        noisy = []
+        for _ in range(config.pool_batches):
+            x0, noisable = source.next_batch().to(device)
+            mine = slice(dist.rank * len(x0), (dist.rank + 1) * len(x0))
+            noisy.append(draw_noisy_batch(counted, all_gather_rows(x0, dist),
+                                          None if noisable is None else all_gather_rows(noisable, dist),
+                                          diffusion, generator, rows=mine))
         pool = TopKPool(noisy, config.topk, vocab_size, diffusion.mask_id)
-        source = RowSource(pool, len(noisy[0].x0), config.seed)
+        pool.gather_ranks(dist, config.pool_batches)
+        source = RowSource(pool, len(noisy[0].x0), config.seed, dist.rank, dist.world_size)
     run = RunConfig()
     train = run.train
     train.steps, train.lr, train.seed, train.device, train.precision = config.steps, config.lr, config.seed, \
@@ -339,7 +372,7 @@ def train_codd_prior(frozen: FrozenLogProbs, source: SequenceSource, diffusion: 
     logger = [_LogCoupled(on_log)] if on_log is not None else []
     trainer = Trainer(run, CoupledScorer(prior, config.window, config.chunk_size),
                       CoupledPriorObjective(counted, diffusion, {**(fitted_to or {}), **prior_settings(config)}),
-                      source, None, out_dir, callbacks=logger)
+                      source, None, out_dir, dist=dist, callbacks=logger)
     fitted = trainer.fit()
     history = [(step, record["loss"], record["factorised"]) for (step, _, _), record in
                zip(fitted.history, fitted.records)]
@@ -384,18 +417,24 @@ def evaluate_codd(prior: HMMPrior, frozen: FrozenLogProbs, source: SequenceSourc
     return {"coupled": coupled / batches, "factorised": factorised / batches}
 
 
-def checkpoint_training_source(run: RunConfig, tokenizer: Tokenizer, batch_size: int, config: CoDDTrainConfig
-                               ) -> SequenceSource:
-    """Clean training rows for a checkpoint's prior: its task's train split for a task checkpoint (data.task,
-    answer region noisable; as many examples as the run consumes, at most 20000), else its corpus' train split
-    (prepared on first use, as `loopdlm train` does). UserError when the data's tokenizer differs from the
-    checkpoint's."""
+def checkpoint_training_source(run: RunConfig, tokenizer: Tokenizer, batch_size: int, config: CoDDTrainConfig,
+                               dist: DistInfo | None = None) -> SequenceSource:
+    """This rank's clean training rows for a checkpoint's prior (`batch_size` of each global batch of batch_size x
+    world_size rows): its task's train split for a task checkpoint (data.task, answer region noisable; as many
+    examples as the run consumes, at most 20000), else its corpus' train split (prepared on first use, rank 0
+    first, as `loopdlm train` does). UserError when the data's tokenizer differs from the checkpoint's."""
+    rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     task = task_of(run.data)
     if task is not None:
-        wanted = batch_size * (config.pool_batches if config.topk else config.steps)
-        examples = task_examples(task, min(max(wanted, batch_size), MAX_TASK_EXAMPLES), config.seed, "train")
-        return RowSource(task_rows(encode_task(task, examples, tokenizer)), batch_size, config.seed)
-    return RowSource(checkpoint_corpus_split(run.data, tokenizer, "train"), batch_size, config.seed)
+        global_batch = batch_size * world_size
+        wanted = global_batch * (config.pool_batches if config.topk else config.steps)
+        examples = task_examples(task, min(max(wanted, global_batch), MAX_TASK_EXAMPLES), config.seed, "train")
+        return RowSource(task_rows(encode_task(task, examples, tokenizer)), batch_size, config.seed, rank,
+                         world_size)
+    if dist is not None and dist.distributed:
+        # Rank 0 prepares a corpus seen for the first time while the others wait (`on_main_rank` is also a barrier).
+        on_main_rank(dist, lambda: checkpoint_corpus_split(run.data, tokenizer, "train"))
+    return RowSource(checkpoint_corpus_split(run.data, tokenizer, "train"), batch_size, config.seed, rank, world_size)
 
 
 def train_codd_from_checkpoint(checkpoint: str | Path, out: str | Path, config: CoDDTrainConfig, batch_size: int,
@@ -409,32 +448,46 @@ def train_codd_from_checkpoint(checkpoint: str | Path, out: str | Path, config: 
     or task, see checkpoint_training_source) and the model; loops: S for the frozen model (0 = the model's training
     S_max). Raises UserError for an unusable checkpoint, data tokenised differently from the checkpoint, a
     block-diffusion checkpoint, or bad settings.
+
+    Under torchrun every process fits the prior on `batch_size` rows of each global batch (see `train_codd_prior`);
+    only rank 0 logs and writes. The recorded batch size is the global one (batch_size x processes).
     """
     config.validate()
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
-    target = resolve_device(device)
+    dist = setup_distributed(device)
+    target = dist.device
+    if not dist.is_main:
+        log = _silent
     loaded = load_pretrained(checkpoint, target)
     run, tokenizer, model = loaded.config, loaded.tokenizer, loaded.model
     objective = build_objective(run, tokenizer.mask_id)
     if not isinstance(objective, MaskedDiffusion):
         raise UserError("train-codd supports MDLM checkpoints only (block diffusion is not supported yet)")
-    source = checkpoint_training_source(run, tokenizer, batch_size, config)
+    source = checkpoint_training_source(run, tokenizer, batch_size, config, dist)
     depth = loops or model.config.max_loops
     frozen = frozen_log_probs(model, tokenizer.mask_id, depth)
+    global_batch = batch_size * dist.world_size
+    processes = f" ({batch_size} x {dist.world_size} processes)" if dist.distributed else ""
     log(f"training a {config.n_states}-state CoDD prior (W={config.window}) on {loaded.path} with S={depth}, "
-        f"{config.steps} steps, batch {batch_size}, " + (f"top-{config.topk} cache" if config.topk else "recomputed q"))
-    fitted_to = {"checkpoint": str(Path(loaded.path).resolve()), "loops": depth, "batch_size": batch_size}
+        f"{config.steps} steps, batch {global_batch}{processes}, "
+        + (f"top-{config.topk} cache" if config.topk else "recomputed q"))
+    fitted_to = {"checkpoint": str(Path(loaded.path).resolve()), "loops": depth, "batch_size": global_batch}
     result = train_codd_prior(frozen, source, objective, tokenizer.vocab_size, config, target,
                               on_log=lambda step, coupled, factorised: log(
                                   f"step {step}: coupled {coupled:.4f} nats/token (factorised {factorised:.4f})"),
-                              out_dir=out, fitted_to=fitted_to)
-    save_codd_layer(result.prior, out, config.window, tokenizer.fingerprint(),
-                    {"checkpoint": str(loaded.path), "loops": depth, "steps": config.steps, "topk": config.topk,
-                     "lr": config.lr, "batch_size": batch_size, "seconds": round(result.seconds, 3)})
+                              out_dir=out, fitted_to=fitted_to, dist=dist)
+    on_main_rank(dist, lambda: save_codd_layer(
+        result.prior, out, config.window, tokenizer.fingerprint(),
+        {"checkpoint": str(loaded.path), "loops": depth, "steps": config.steps, "topk": config.topk,
+         "lr": config.lr, "batch_size": global_batch, "seconds": round(result.seconds, 3)}))
     log(f"saved CoDD prior to {out} ({sum(p.numel() for p in result.prior.parameters())} parameters, "
         f"{result.seconds:.1f} s)")
     return result
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0."""
 
 
 __all__ = ["CoDDTrainConfig", "CoDDTrainResult", "CoupledPriorObjective", "CoupledScorer", "FrozenLogProbs",

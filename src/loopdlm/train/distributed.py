@@ -170,6 +170,27 @@ def all_reduce_sum(tensor: Tensor, info: DistInfo) -> Tensor:
     return tensor
 
 
+def all_gather_rows(tensor: Tensor, info: DistInfo) -> Tensor:
+    """Every rank's `tensor` [n, ...] stacked along dim 0 in rank order: [world_size * n, ...] (the tensor itself
+    in a single process). Every rank must pass the same shape and dtype; a rank-sharded batch becomes the global
+    batch in the order the data sources hand it out."""
+    if not info.distributed:
+        return tensor
+    carrier = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor.contiguous()  # gloo has no bool
+    parts = [torch.empty_like(carrier) for _ in range(info.world_size)]
+    dist.all_gather(parts, carrier)
+    return torch.cat(parts).to(tensor.dtype)
+
+
+def all_gather_objects(value: T, info: DistInfo) -> list[T]:
+    """Every rank's picklable `value`, in rank order ([value] in a single process)."""
+    if not info.distributed:
+        return [value]
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier(info: DistInfo) -> None:
     """Wait for every rank (a no-op in a single process)."""
     if info.distributed:

@@ -40,6 +40,7 @@ from loopdlm.sampling import SamplerConfig, build_decoder
 from loopdlm.sampling.engine import SampleResult, WindowPrediction, WindowPredictor
 from loopdlm.sampling.parallel import predictive_entropy
 from loopdlm.train.callbacks import EarlyStopping
+from loopdlm.train.distributed import DistInfo, all_gather_objects, setup_distributed
 from loopdlm.train.objective import LossTerms, ModelCall, Objective, model_logits
 from loopdlm.train.trainer import Trainer
 
@@ -197,7 +198,7 @@ def last_acceptance_steps(states: Sequence[Tensor], mask_id: int) -> Tensor:
 
 def record_trajectories(model: LoopedTransformer, task: Task, tokenizer, examples: Sequence[Example],
                         spec: SamplerConfig = RECORDING_SPEC, temperatures: Sequence[float] = RETRY_TEMPERATURES,
-                        batch_size: int = 64, seed: int = 0) -> list[Trajectory]:
+                        batch_size: int = 64, seed: int = 0, dist: DistInfo | None = None) -> list[Trajectory]:
     """Decode every prompt with `spec`, retrying the ones the verifier rejects at each next temperature.
 
     Prompts go in batches of `batch_size`; within a batch all are decoded at the first temperature, the rejected
@@ -206,6 +207,11 @@ def record_trajectories(model: LoopedTransformer, task: Task, tokenizer, example
     the model's device; the generator of attempt a of batch b is seeded with seed + b * len(temperatures) + a.
 
     tokenizer: provides encode/decode, mask_id, pad_id and eos_id (the model's tokenizer).
+    dist: under torchrun (every rank calls with the same arguments), rank r decodes the batches b with
+        b mod world_size = r and the ranks then exchange their trajectories, so each rank returns the list one
+        process would (the same batches with the same seeds) after a 1/world_size share of the decoding. Gathering
+        one recording, rather than every rank recording all prompts, also keeps the ranks' training rows identical
+        where device kernels are not bit-reproducible.
     """
     if not temperatures:
         raise UserError("need at least one temperature to record WINO+ trajectories")
@@ -214,8 +220,11 @@ def record_trajectories(model: LoopedTransformer, task: Task, tokenizer, example
     device = next(model.parameters()).device
     rows = encode_task(task, list(examples), tokenizer)
     canvas = answer_canvas(rows, tokenizer.mask_id).to(device)
+    rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     accepted: list[Trajectory] = []
     for batch_number, batch_start in enumerate(range(0, len(examples), batch_size)):
+        if batch_number % world_size != rank:
+            continue
         pending = list(range(batch_start, min(batch_start + batch_size, len(examples))))
         for attempt, temperature in enumerate(temperatures):
             if not pending:
@@ -234,6 +243,8 @@ def record_trajectories(model: LoopedTransformer, task: Task, tokenizer, example
                 else:
                     still_pending.append(index)
             pending = still_pending
+    if dist is not None:
+        accepted = [trajectory for part in all_gather_objects(accepted, dist) for trajectory in part]
     return sorted(accepted, key=lambda trajectory: trajectory.example_index)
 
 
@@ -364,22 +375,27 @@ def finetune_wino_plus(model: LoopedTransformer, rows: WinoPlusRows, mask_id: in
                        weights: WinoPlusLossWeights = WinoPlusLossWeights(), weight_decay: float = 0.0,
                        grad_clip: float = 1.0, seed: int = 0, anchor: SupervisedAnchor | None = None,
                        early_stopping: EarlyStopping | None = None, out_dir: str | Path | None = None,
-                       log_every: int = 10) -> list[dict[str, float]]:
+                       log_every: int = 10, grad_accum: int = 1, dist: DistInfo | None = None
+                       ) -> list[dict[str, float]]:
     """Fine-tune `model` in place on WINO+ rows with the `Trainer` (AdamW at a constant rate, no EMA); returns one
     log dict per update of this call (loss, ce, entropy_min, entropy_max, loops, lr, grad_norm, and nelbo with an
     anchor).
 
-    Each update reads the next `batch_size` rows of a seeded permutation (`RowSource`) and, for a looped model, one
-    loop count S ~ U{1, ..., max_loops} (default: the model's training S_max) drawn from (seed, step), so the
-    model stays usable at every depth it was trained for. With `anchor`, the loss also carries the supervised NELBO
+    Each update reads `grad_accum` micro-batches of `batch_size` rows of a seeded permutation (`RowSource`) and,
+    for a looped model, one loop count S ~ U{1, ..., max_loops} (default: the model's training S_max) drawn from
+    (seed, step), so the model stays usable at every depth it was trained for. Under torchrun (`dist`, default
+    `setup_distributed` of the model's device) every rank passes the same `rows` and anchor and reads its own
+    `batch_size` rows of each global batch of batch_size x world_size rows, so the ranks split the data as
+    `loopdlm train` does: as each WINO+ term is a mean over its micro-batch's own positions, 2 ranks x batch B
+    equal 1 process x batch B x grad_accum 2 (not 1 process x batch 2B). Only rank 0 writes into `out_dir`. With `anchor`, the loss also carries the supervised NELBO
     on anchor rows; with `early_stopping`, training may stop early and the best-scoring weights are restored
     (see `EarlyStopping`). With `out_dir`, the run folder gets metrics.jsonl (a train record every `log_every`
     updates) and a checkpoint at the end, and a call on a folder holding checkpoints resumes from the latest (the
     same updates as an uninterrupted run). The model stays on its device and is left in the train/eval mode it
     came in.
     """
-    if steps < 1 or batch_size < 1:
-        raise UserError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    if steps < 1 or batch_size < 1 or grad_accum < 1:
+        raise UserError(f"steps, batch_size and grad_accum must be >= 1, got {steps}, {batch_size}, {grad_accum}")
     if anchor is not None and (anchor.batch_size < 1 or anchor.tokens.shape != anchor.noisable.shape):
         raise UserError("the supervised anchor needs batch_size >= 1 and noisable of the tokens' shape")
     config = RunConfig()
@@ -388,17 +404,20 @@ def finetune_wino_plus(model: LoopedTransformer, rows: WinoPlusRows, mask_id: in
     train = config.train
     train.steps, train.lr, train.batch_size, train.weight_decay, train.grad_clip = steps, lr, batch_size, \
         weight_decay, grad_clip
+    train.grad_accum = grad_accum
     train.seed, train.warmup_steps, train.lr_schedule, train.ema_decay = seed, 0, "constant", 0.0
     train.eval_every, train.ckpt_every, train.log_every, train.device = 0, 0, log_every, str(device)
-    source = RowSource(rows, batch_size, seed)
+    dist = dist if dist is not None else setup_distributed(train.device)
+    source = RowSource(rows, batch_size, seed, dist.rank, dist.world_size)
     if anchor is not None:
-        anchor_source = RowSource(TensorRows(anchor.tokens, anchor.noisable), anchor.batch_size, seed + 1)
+        anchor_source = RowSource(TensorRows(anchor.tokens, anchor.noisable), anchor.batch_size, seed + 1,
+                                  dist.rank, dist.world_size)
         source = PairedSource(source, anchor_source, lambda main, extra: WinoPlusBatch(main.rows, extra))
     objective = WinoPlusObjective(mask_id, weights, anchor.diffusion if anchor else None,
                                   anchor.weight if anchor else 1.0)
     was_training = model.training
     model.train()
-    trainer = Trainer(config, model, objective, source, None, out_dir,
+    trainer = Trainer(config, model, objective, source, None, out_dir, dist=dist,
                       callbacks=[early_stopping] if early_stopping is not None else ())
     result = trainer.fit()
     model.train(was_training)
