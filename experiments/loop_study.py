@@ -12,8 +12,8 @@ Runs per seed (every model is the task preset's 4-layer d=128 stack unless said)
   deep             a 7-layer MDM: LoopMDM's expected per-step FLOPs, --steps updates
 
 On a task, each trained run is scored on --n held-out problems (the task's test split, the same for every run), greedy
-most-confident-first, at every decoding-step count of --decode-steps x every S of --loops, and (looped runs) with
-the adaptive exit policy for every --exit-eps at every cap of --exit-caps. On shakespeare, each run is scored on the
+most-confident-first: at the first count of --decode-steps at every S of --loops and (looped runs) with the adaptive
+exit policy for every --exit-eps at every cap of --exit-caps; at the other counts at every S of --short-loops. On shakespeare, each run is scored on the
 same --lm-batches validation batches at every S. Scores are cached in RUN/scores.json, so an
 interrupted study resumes where it stopped: training continues from the last checkpoint, finished scores are kept.
 
@@ -55,8 +55,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--eval-every", type=int, default=250, help="validation (and checkpoint) interval")
     parser.add_argument("--loops", type=int, nargs="+", default=[1, 2, 4, 6, 8, 12, 16, 24])
-    parser.add_argument("--decode-steps", type=int, nargs="+", default=[4, 16])
-    parser.add_argument("--exit-eps", type=float, nargs="+", default=[0.2, 0.1, 0.05, 0.02])
+    parser.add_argument("--decode-steps", type=int, nargs="+", default=[4, 16], help="the first gets the whole S "
+                        "grid and the adaptive policy; the others --short-loops only (scoring cost grows with S)")
+    parser.add_argument("--short-loops", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--exit-eps", type=float, nargs="+", default=[0.3, 0.2, 0.1])
     parser.add_argument("--exit-caps", type=int, nargs="+", default=[4, 24], help="largest S of the adaptive "
                         "policy (the presets train with S_max = 4)")
     parser.add_argument("--n", type=int, default=200, help="held-out problems per score")
@@ -165,14 +167,14 @@ def score_run(args, run: dict) -> None:
     base = ["eval-task", "--checkpoint", str(run["dir"]), "--n", str(args.n), "--seed", "0", "--device", "cpu",
             "--json"]
     for steps in args.decode_steps:
-        loops = args.loops if looped else [1]
+        loops = grid_loops(args, steps) if looped else [1]
         missing = [s for s in loops if f"fixed|{steps}|{s}" not in scores]
         if missing:
             for report in cli_json([*base, "--steps", str(steps), "--loop-policy", "fixed",
                                     "--loops", *map(str, missing)]):
                 scores[f"fixed|{steps}|{report['loops']}"] = report
             path.write_text(json.dumps(scores, indent=1) + "\n")
-        for cap, eps in [(cap, eps) for cap in args.exit_caps for eps in args.exit_eps] if looped else []:
+        for cap, eps in adaptive_settings(args, steps) if looped else []:
             key = f"adaptive|{steps}|{cap}|{eps}"
             if key not in scores:
                 (report,) = cli_json([*base, "--steps", str(steps), "--loop-policy", "adaptive", "--loop-eps",
@@ -184,6 +186,16 @@ def score_run(args, run: dict) -> None:
         scores[key] = cli_json(["attention", "--checkpoint", str(run["dir"]), "--loops", str(args.attention_loops),
                                 "--n", "64", "--seed", "0", "--device", "cpu", "--json"])
         path.write_text(json.dumps(scores, indent=1) + "\n")
+
+
+def grid_loops(args, steps: int) -> list[int]:
+    """The S values scored at `steps` decoding steps: the whole grid at the first --decode-steps, else the short one."""
+    return args.loops if steps == args.decode_steps[0] else args.short_loops
+
+
+def adaptive_settings(args, steps: int) -> list[tuple[int, float]]:
+    """(cap, eps) pairs of the adaptive policy scored at `steps` decoding steps (the first --decode-steps only)."""
+    return [(cap, eps) for cap in args.exit_caps for eps in args.exit_eps] if steps == args.decode_steps[0] else []
 
 
 def combine(args, runs: list[dict], slug: str) -> dict:
@@ -223,12 +235,12 @@ def summarise_model(args, model: str, items: list[dict]) -> dict:
     looped = model in LOOPED
     accuracy = {}
     for steps in args.decode_steps:
-        for s in (args.loops if looped else [1]):
+        for s in (grid_loops(args, steps) if looped else [1]):
             values = [item["scores"][f"fixed|{steps}|{s}"]["accuracy"] for item in items]
             accuracy[f"{steps}|{s}"] = [*mean_spread(values), values]
     adaptive = {}
     for steps in args.decode_steps:
-        for cap, eps in [(cap, eps) for cap in args.exit_caps for eps in args.exit_eps] if looped else []:
+        for cap, eps in adaptive_settings(args, steps) if looped else []:
             reports = [item["scores"][f"adaptive|{steps}|{cap}|{eps}"] for item in items]
             adaptive[f"{steps}|{cap}|{eps}"] = {
                 "accuracy": [*mean_spread([r["accuracy"] for r in reports]), [r["accuracy"] for r in reports]],
@@ -335,14 +347,15 @@ def tables(args, models: dict) -> list[str]:
             continue
         for d in args.decode_steps:
             lines.append(f"| {model} | {d} | " + " | ".join(
-                f"{100 * m['accuracy'][f'{d}|{s}'][0]:.1f}" for s in args.loops) + " |")
+                f"{100 * m['accuracy'][f'{d}|{s}'][0]:.1f}" if f"{d}|{s}" in m["accuracy"] else "-"
+                for s in args.loops) + " |")
     lines += ["", "| model | decoding steps | best fixed S | cheapest fixed S within one s.e. of it | adaptive cap "
               "| " + " | ".join(f"adaptive eps={e}" for e in args.exit_eps) + " |",
               "|---|---|---|---|---|" + "---|" * len(args.exit_eps)]
     for model, m in models.items():
         if not m["adaptive"]:
             continue
-        for d in args.decode_steps:
+        for d in args.decode_steps[:1]:
             cells = {s: m["accuracy"][f"{d}|{s}"][0] for s in args.loops}
             best = max(cells, key=cells.get)
             # The standard error of a mean over seeds of binomial rates, each on args.n puzzles.
@@ -377,8 +390,8 @@ def plots(args, models: dict, slug: str) -> list[str]:
         series = {}
         for model, m in models.items():
             if model in LOOPED:
-                vals = [m["accuracy"][f"{d}|{s}"] for s in args.loops]
-                series[model] = (args.loops, [v[0] for v in vals], [v[1] for v in vals])
+                vals = [m["accuracy"][f"{d}|{s}"] for s in grid_loops(args, d)]
+                series[model] = (grid_loops(args, d), [v[0] for v in vals], [v[1] for v in vals])
         baseline = models.get("mdm", {}).get("accuracy", {}).get(f"{d}|1")
         paths.append(str(plot_lines(
             series, IMAGES / f"study_{slug}_{args.steps}_solve_{d}steps.png", "inference loops S",
