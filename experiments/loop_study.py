@@ -13,9 +13,10 @@ Runs per seed (every model is the task preset's 4-layer d=128 stack unless said)
 
 On a task, each trained run is scored on --n held-out problems (the task's test split, the same for every run), greedy
 most-confident-first: at the first count of --decode-steps at every S of --loops and (looped runs) with the adaptive
-exit policy for every --exit-eps at every cap of --exit-caps; at the other counts at every S of --short-loops. On shakespeare, each run is scored on the
-same --lm-batches validation batches at every S. Scores are cached in RUN/scores.json, so an
-interrupted study resumes where it stopped: training continues from the last checkpoint, finished scores are kept.
+exit policy for every --exit-eps at every cap of --exit-caps; at the other counts at every S of --short-loops. On
+shakespeare, each run is scored on the same --lm-batches validation batches at every S. Scores are cached in
+RUN/scores.json, so an interrupted study resumes where it stopped: training continues from the last checkpoint,
+finished scores are kept.
 
     python experiments/loop_study.py --task sudoku4 --steps 2000 --seeds 0 1
     python experiments/loop_study.py --task sudoku9:givens=34 --steps 2000 --models mdm loopmdm
