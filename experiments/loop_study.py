@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, nargs="+", default=[4, 16], help="the first gets the whole S "
                         "grid and the adaptive policy; the others --short-loops only (scoring cost grows with S)")
     parser.add_argument("--short-loops", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--exit-eps", type=float, nargs="+", default=[0.3, 0.2, 0.1])
+    parser.add_argument("--exit-eps", type=float, nargs="+", default=[0.5, 0.4, 0.3, 0.2, 0.1])
     parser.add_argument("--exit-caps", type=int, nargs="+", default=[4, 24], help="largest S of the adaptive "
                         "policy (the presets train with S_max = 4)")
     parser.add_argument("--n", type=int, default=200, help="held-out problems per score")
