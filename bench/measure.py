@@ -82,12 +82,13 @@ def trainer_cpu_throughput(fields: dict, seq_len: int, batch: int, steps: int, v
     `steps` more of the same Trainer (the schedule is stretched for the timed part, which costs nothing extra)."""
     with benchmark_trainer(fields, seq_len, batch, warmup, "cpu", "fp32", vocab, compile, 10**9) as (trainer, _):
         trainer.fit()
-        flops, seen = trainer.flops, trainer.tokens
+        flops, seen = trainer.counters.flops, trainer.counters.tokens
         trainer.config.train.steps = warmup + steps
         start = time.process_time()
         trainer.fit()
         seconds = time.process_time() - start
-    return {"tokens_per_s": (trainer.tokens - seen) / seconds, "flops_per_s": (trainer.flops - flops) / seconds}
+    counters = trainer.counters
+    return {"tokens_per_s": (counters.tokens - seen) / seconds, "flops_per_s": (counters.flops - flops) / seconds}
 
 
 def current_rss() -> int:
