@@ -18,7 +18,7 @@ from torch.nn.utils import skip_init
 from torch.utils.checkpoint import checkpoint
 
 from loopdlm.errors import ConfigError
-from loopdlm.models.layers import Block, PastKV, causal_mask, init_weights
+from loopdlm.models.layers import Block, PastKV, causal_mask, init_weights, rotary_angles
 from loopdlm.settings import NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields, setting
 
 #: Identifies one layer application: (layer index, loop index); loop index is 0 outside the core.
@@ -226,11 +226,13 @@ class LoopedTransformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(length, device=tokens.device)[None]
         present: dict[LayerSlot, tuple[Tensor, Tensor]] | None = {} if return_present else None
+        # every layer application rotates by the same positions: build the tables once
+        rotary = rotary_angles(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta)
 
         def apply(index: int, loop: int, h: Tensor) -> Tensor:
             slot = (index, loop)
             layer_past = past.get(slot) if past is not None else None
-            h, kv = self.layers[index](h, position_ids, attn_mask, layer_past, present is not None)
+            h, kv = self.layers[index](h, position_ids, attn_mask, layer_past, present is not None, rotary)
             if present is not None:
                 present[slot] = kv
             return h
