@@ -8,6 +8,7 @@ from conftest import make_model
 from loopdlm.diffusion import LogLinear, MaskedDiffusion
 from loopdlm.diffusion.block import BlockDiffusion
 from loopdlm.diffusion.loop_supervision import LoopSupervision
+from loopdlm.diffusion.masked import SubsNll, subs_log_probs
 from loopdlm.eval.likelihood import likelihood_bound
 from loopdlm.train.objective import model_logits
 
@@ -128,3 +129,20 @@ def test_flops_count_the_head_at_the_positions_read_out():
     assert full - quarter == pytest.approx(0.75 * head)
     two_more = model.flops_per_token(length, 2, training=False, readouts=2, readout_fraction=0.25)
     assert two_more - quarter == pytest.approx(2 * (per_layer + 0.25 * head))  # each: the coda layer and the head
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_subs_nll_equals_log_softmax_and_gather(dtype):
+    logits = (torch.randn(7, VOCAB, generator=torch.Generator().manual_seed(0)) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, MASK, (7,), generator=torch.Generator().manual_seed(1))
+    weights = torch.rand(7, generator=torch.Generator().manual_seed(2))
+    fused = SubsNll.apply(logits, targets, MASK)
+    (fused * weights).sum().backward()
+    fused_grad, logits.grad = logits.grad, None
+    reference = -subs_log_probs(logits, MASK).gather(-1, targets[:, None]).squeeze(-1)
+    (reference * weights).sum().backward()
+    assert fused.dtype == torch.float32 and fused_grad.dtype == dtype
+    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # bf16 gradients are rounded to 8 bits either way
+    torch.testing.assert_close(fused_grad, logits.grad, rtol=tolerance, atol=tolerance)
+    assert float(fused_grad.float()[:, MASK].abs().max()) == 0  # the mask token takes no probability

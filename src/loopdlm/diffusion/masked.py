@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from loopdlm.diffusion.schedules import SCHEDULES, Schedule, make_schedule, stratified_times
 from loopdlm.errors import ConfigError
@@ -114,6 +115,31 @@ def apply_mask(x0: Tensor, mask_prob: Tensor, noisable: Tensor | None, mask_id: 
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
 
+class SubsNll(torch.autograd.Function):
+    """-log p(target) under SUBS (the mask token gets no probability), fused: forward keeps only the logsumexp
+    and the target's logit instead of a [N, V] log-softmax, backward writes softmax - one-hot in one buffer
+    (autograd's log_softmax + gather + index_fill chain allocates, zero-fills and reads [N, V] several times).
+
+    apply(logits float [N, V], targets int64 [N], mask_id) -> float32 [N] in nats.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, mask_id: int) -> Tensor:
+        scores = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+        normaliser = torch.logsumexp(scores, dim=-1)
+        ctx.save_for_backward(scores, normaliser, targets)
+        ctx.logits_dtype = logits.dtype
+        return normaliser - scores.gather(-1, targets[:, None]).squeeze(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        scores, normaliser, targets = ctx.saved_tensors
+        probs = (scores - normaliser[:, None]).exp_()  # the softmax (the saved scores stay intact for a retained graph)
+        probs.scatter_add_(-1, targets[:, None], -torch.ones_like(normaliser[:, None]))
+        return probs.mul_(grad[:, None]).to(ctx.logits_dtype), None, None
+
+
 def masked_token_nll(logits: Tensor, x0: Tensor, masked: Tensor, weight: Tensor, mask_id: int) -> Tensor:
     """SUBS + NELBO integrand per token: w * -log p(x0) at masked positions, exactly 0 at unmasked ones (they carry
     over with probability 1), from the logits at the masked positions alone.
@@ -122,7 +148,7 @@ def masked_token_nll(logits: Tensor, x0: Tensor, masked: Tensor, weight: Tensor,
         x0 int64 [B, L]; masked bool [B, L]; weight float broadcastable to [B, L].
     Returns: float32 [B, L] in nats.
     """
-    nll = -subs_log_probs(logits, mask_id).gather(-1, x0[masked][:, None]).squeeze(-1)
+    nll = SubsNll.apply(logits, x0[masked], mask_id)
     weighted = nll * weight.expand(x0.shape)[masked]
     return torch.zeros(x0.shape, dtype=weighted.dtype, device=x0.device).masked_scatter(masked, weighted)
 
