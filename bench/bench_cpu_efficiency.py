@@ -1,7 +1,7 @@
 """CPU training efficiency on one thread: achieved matmul FLOPs per CPU-second of a training step, against a dense
 2048^3 fp32 matmul per CPU-second measured in the same process, eager and with `train.compile` (blocks compiled).
 
-    python bench/bench_cpu_efficiency.py [--steps 8] [--models NAME ...] [--no-compile]
+    python bench/bench_cpu_efficiency.py [--steps 8] [--models NAME ...] [--no-compile] [--precision bf16]
 
 Process CPU time with one torch thread is what a shared, oversubscribed machine disturbs least, so this ratio can be
 measured while other jobs run (wall-clock throughput cannot). Each row runs in a fresh subprocess, so compiled graphs
@@ -47,12 +47,12 @@ def matmul_flops_per_cpu_second(size: int = 2048, repeats: int = 6) -> float:
     return 2 * size ** 3 / best
 
 
-def row(name: str, compile: bool, steps: int) -> dict:
+def row(name: str, compile: bool, steps: int, precision: str) -> dict:
     """One measurement in this process (one thread): the model's FLOP/s per CPU-second and the matmul's."""
     torch.set_num_threads(1)
     fields, vocab, seq_len, batch = MODELS[name]
     start = time.process_time()
-    result = trainer_cpu_throughput(fields, seq_len, batch, steps, vocab=vocab, compile=compile)
+    result = trainer_cpu_throughput(fields, seq_len, batch, steps, vocab=vocab, compile=compile, precision=precision)
     matmul = matmul_flops_per_cpu_second()
     return {"model": name, "compile": compile, "flops_per_cpu_s": result["flops_per_s"],
             "tokens_per_cpu_s": result["tokens_per_s"], "matmul_flops_per_cpu_s": matmul,
@@ -64,18 +64,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--no-compile", action="store_true", help="eager rows only")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="training precision (bf16 = autocast; the matmul reference stays fp32)")
     parser.add_argument("--row", nargs=2, metavar=("MODEL", "COMPILE"), help=argparse.SUPPRESS)
     parser.add_argument("--markdown", default=None, help="write the section here (default docs/benchmarks.md)")
     args = parser.parse_args()
     if args.row:
-        print(json.dumps(row(args.row[0], args.row[1] == "1", args.steps)))
+        print(json.dumps(row(args.row[0], args.row[1] == "1", args.steps, args.precision)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     rows = []
     for name in args.models:
         for compile in (False,) if args.no_compile else (False, True):
-            out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--row", name,
-                                  "1" if compile else "0"], env=env, capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--precision", args.precision,
+                                  "--row", name, "1" if compile else "0"], env=env, capture_output=True, text=True,
+                                 check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"{name} | {'compiled' if compile else 'eager'} | {r['flops_per_cpu_s'] / 1e9:.1f} GFLOP/cpu-s | "
@@ -87,7 +90,8 @@ def main() -> None:
           f"{r['matmul_flops_per_cpu_s'] / 1e9:.1f}", f"{r['ratio']:.2f}", f"{r['tokens_per_cpu_s']:.0f}"]
          for r in rows])
     body = ("### CPU training efficiency per CPU-second (one thread)\n\n"
-            f"{args.steps} timed training steps after 2 warm-up steps, fp32, one thread, each row in a fresh process; "
+            f"{args.steps} timed training steps after 2 warm-up steps, {args.precision}, one thread, each row in a fresh "
+            "process; "
             "ratio = the step's matmul FLOPs per CPU-second over the best of 6 dense 2048^3 matmuls per CPU-second "
             "in the same process. CPU time, not wall time: the machine was shared while this ran.\n\n" + table)
     write_section("cpu-efficiency", body, **({"path": Path(args.markdown)} if args.markdown else {}))

@@ -77,17 +77,19 @@ def trainer_throughput(fields: dict, seq_len: int, batch: int, steps: int, devic
 
 
 def trainer_cpu_throughput(fields: dict, seq_len: int, batch: int, steps: int, vocab: int = 96,
-                           compile: bool = False, warmup: int = 2) -> dict[str, float]:
-    """As `trainer_throughput` on the CPU in fp32, per second of this process's CPU time: `warmup` steps, then
-    `steps` more of the same Trainer (the schedule is stretched for the timed part, which costs nothing extra)."""
-    with benchmark_trainer(fields, seq_len, batch, warmup, "cpu", "fp32", vocab, compile, 10**9) as (trainer, _):
+                           compile: bool = False, warmup: int = 2, precision: str = "fp32") -> dict[str, float]:
+    """As `trainer_throughput` on the CPU (fp32 or bf16 autocast), per second of this process's CPU time: `warmup`
+    steps, then `steps` more of the same Trainer (the schedule is stretched for the timed part, which costs nothing
+    extra)."""
+    with benchmark_trainer(fields, seq_len, batch, warmup, "cpu", precision, vocab, compile, 10**9) as (trainer, _):
         trainer.fit()
-        flops, seen = trainer.flops, trainer.tokens
+        flops, seen = trainer.counters.flops, trainer.counters.tokens
         trainer.config.train.steps = warmup + steps
         start = time.process_time()
         trainer.fit()
         seconds = time.process_time() - start
-    return {"tokens_per_s": (trainer.tokens - seen) / seconds, "flops_per_s": (trainer.flops - flops) / seconds}
+    counters = trainer.counters
+    return {"tokens_per_s": (counters.tokens - seen) / seconds, "flops_per_s": (counters.flops - flops) / seconds}
 
 
 def current_rss() -> int:

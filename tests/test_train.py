@@ -7,7 +7,7 @@ import torch
 
 from loopdlm.config import RunConfig
 from loopdlm.diffusion import MaskedDiffusion, NelboTerms, make_schedule, subs_log_probs
-from loopdlm.diffusion.masked import NelboHooks, average_terms, weighted_masked_nll
+from loopdlm.diffusion.masked import NelboHooks, average_terms, logits_at, masked_token_nll
 from loopdlm.errors import UserError
 from loopdlm.models import LoopedTransformer, ModelConfig
 from loopdlm.train import (
@@ -88,8 +88,8 @@ class RowKeyedNoise(NelboHooks):
         if noisable is not None:
             masked &= noisable
         xt = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
-        nll = weighted_masked_nll(subs_log_probs(denoiser(xt), self.mask_id), x0, masked,
-                                  self.schedule.weight(t)[:, None])
+        nll = masked_token_nll(logits_at(denoiser, xt, masked), x0, masked, self.schedule.weight(t)[:, None],
+                               self.mask_id).sum(dim=1)
         tokens = (noisable.sum(dim=1) if noisable is not None else torch.full_like(nll, x0.shape[1])).float()
         return NelboTerms(nll_sum=nll.sum(), n_tokens=tokens.sum(), per_row=nll / tokens.clamp(min=1))
 
@@ -281,6 +281,18 @@ def test_metrics_log_train_and_eval_records(tmp_path):
     assert trainer.evaluate() == trainer.evaluate() == result.eval_metrics  # fixed batches and noise
 
 
+def record_readout_fractions(model) -> list[float]:
+    """The share of positions each later forward of `model` reads out (1.0 without a readout_mask)."""
+    fractions = []
+
+    def record(module, args, kwargs):
+        mask = kwargs.get("readout_mask")
+        fractions.append(1.0 if mask is None else float(mask.float().mean()))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    return fractions
+
+
 def test_flops_count_the_core_once_per_loop(tmp_path):
     config = run_config(core=(0, 1))
     model = LoopedTransformer(config.model)
@@ -291,9 +303,13 @@ def test_flops_count_the_core_once_per_loop(tmp_path):
     assert expected_loops(12) == 6.5
 
     trainer = make_trainer(run_config(steps=4), tmp_path, random_corpus(), with_val=False)
+    fractions = record_readout_fractions(trainer.model)
     result = trainer.fit()
     step_tokens = 4 * SEQ_LEN
-    expected = sum(training_flops(trainer.model, SEQ_LEN, s, step_tokens) for _, _, s in result.history)
+    # MDLM reads out only its masked positions, and the log counts the head FLOPs at those alone
+    assert len(fractions) == len(result.history) and all(0 < f < 1 for f in fractions)
+    expected = sum(training_flops(trainer.model, SEQ_LEN, s, step_tokens, f)
+                   for (_, _, s), f in zip(result.history, fractions))
     assert train_records(tmp_path)[-1]["flops"] == pytest.approx(expected)
 
 
@@ -303,8 +319,11 @@ def test_flops_follow_the_rows_the_objective_actually_runs(tmp_path):
 
     trainer = make_trainer(run_config(steps=2), tmp_path, random_corpus(), objective=BlockDiffusion(MASK_ID, 4),
                            with_val=False)
+    fractions = record_readout_fractions(trainer.model)
     result = trainer.fit()
-    expected = sum(training_flops(trainer.model, 2 * SEQ_LEN, s, 2 * 4 * SEQ_LEN) for _, _, s in result.history)
+    assert len(fractions) == len(result.history) and all(0 < f < 0.5 for f in fractions)  # masked x_t positions
+    expected = sum(training_flops(trainer.model, 2 * SEQ_LEN, s, 2 * 4 * SEQ_LEN, f)
+                   for (_, _, s), f in zip(result.history, fractions))
     assert train_records(tmp_path)[-1]["flops"] == pytest.approx(expected)
     assert train_records(tmp_path)[-1]["tokens"] == 2 * 4 * SEQ_LEN
 

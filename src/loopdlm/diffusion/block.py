@@ -33,9 +33,8 @@ from loopdlm.diffusion.masked import (
     NelboTerms,
     apply_mask,
     average_terms,
-    subs_log_probs,
-    weighted_masked_nll,
-    weighted_token_nll,
+    logits_at,
+    masked_token_nll,
 )
 from loopdlm.diffusion.schedules import LogLinear, stratified_times
 from loopdlm.errors import UserError
@@ -257,35 +256,46 @@ class BlockDiffusion(NelboHooks):
             self._masks[key] = build(seq_len, self.block_size, device)
         return self._masks[key]
 
-    def logits(self, denoiser: BlockDenoiser, xt: Tensor, x0: Tensor) -> Tensor:
-        """Logits of the x_t half: float [B, L, V]. A single block runs x_t alone (its clean half would be
-        invisible to it)."""
+    def logits(self, denoiser: BlockDenoiser, xt: Tensor, x0: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Logits of the x_t half: float [B, L, V], or [N, V] at the True entries of `positions` bool [B, L] in
+        row-major order (only those are computed when the denoiser reads out positions, see `logits_at`). A
+        single block runs x_t alone (its clean half would be invisible to it)."""
         length = x0.shape[1]
         if self._effective_block(length) == length:
-            return denoiser(xt)
-        if self.attention == "flex" and x0.device.type == "cpu" and torch.is_grad_enabled():
-            raise UserError("FlexAttention has no CPU backward in this torch; use attention='dense' on CPU")
-        positions = torch.arange(length, device=x0.device).repeat(2)[None]
-        out = denoiser(torch.cat((xt, x0), dim=1), position_ids=positions,
-                       attn_mask=self.attention_mask(length, x0.device))
-        return out[:, :length]
+            tokens, inputs, readout = xt, {}, positions
+        else:
+            if self.attention == "flex" and x0.device.type == "cpu" and torch.is_grad_enabled():
+                raise UserError("FlexAttention has no CPU backward in this torch; use attention='dense' on CPU")
+            tokens = torch.cat((xt, x0), dim=1)
+            inputs = {"position_ids": torch.arange(length, device=x0.device).repeat(2)[None],
+                      "attn_mask": self.attention_mask(length, x0.device)}
+            readout = None if positions is None else torch.cat((positions, torch.zeros_like(positions)), dim=1)
+        if readout is None:
+            return denoiser(tokens, **inputs)[:, :length]
+        return logits_at(denoiser, tokens, readout, **inputs)
 
     def score(self, denoiser: BlockDenoiser, x0: Tensor, noise: BlockNoise, noisable: Tensor | None = None
               ) -> NelboTerms:
         """NELBO terms of a given noise draw (see `nelbo`)."""
-        log_probs = subs_log_probs(self.logits(denoiser, noise.xt, x0), self.mask_id)
-        row_nll = weighted_masked_nll(log_probs, x0, noise.masked, noise.weight)
+        row_nll = self._token_nll(denoiser, x0, noise).sum(dim=1)
         batch, length = x0.shape
         row_tokens = (noisable.sum(dim=1) if noisable is not None
                       else torch.full((batch,), length, device=x0.device)).float()
         return NelboTerms(nll_sum=row_nll.sum(), n_tokens=row_tokens.sum(), per_row=row_nll / row_tokens.clamp(min=1))
+
+    def _token_nll(self, denoiser: BlockDenoiser, x0: Tensor, noise: BlockNoise) -> Tensor:
+        """Weighted NLL of every token of x0 [B, L] under a noise draw (0 where unmasked): float [B, L], from the
+        logits of the masked x_t positions alone."""
+        logits = self.logits(denoiser, noise.xt, x0, noise.masked)
+        return masked_token_nll(logits, x0, noise.masked, noise.weight, self.mask_id)
 
     def nelbo(self, denoiser: BlockDenoiser, x0: Tensor, generator: torch.Generator | None = None,
               noisable: Tensor | None = None, t: Tensor | None = None, unclipped: bool = False) -> NelboTerms:
         """One Monte-Carlo sample of the block NELBO per row (the training loss, under the current clip interval).
 
         Args:
-            denoiser: (tokens [B, L_in], position_ids=None, attn_mask=None) -> logits [B, L_in, V].
+            denoiser: (tokens [B, L_in], position_ids=None, attn_mask=None) -> logits [B, L_in, V] (asked for the
+                masked x_t positions only when it reads out positions).
             x0: int64 [B, L] clean tokens.
             noisable: optional bool [B, L]; only these are noised and scored.
             t: optional float [B, L / L'] times.
@@ -309,8 +319,7 @@ class BlockDiffusion(NelboHooks):
         token; the others hold 0)."""
         batch, length = x0.shape
         block = self._effective_block(length)
-        log_probs = subs_log_probs(self.logits(denoiser, noise.xt, x0), self.mask_id)
-        token_nll = weighted_token_nll(log_probs, x0, noise.masked, noise.weight).view(batch, -1, block)
+        token_nll = self._token_nll(denoiser, x0, noise).view(batch, -1, block)
         counts = (noisable.view(batch, -1, block).sum(dim=-1) if noisable is not None
                   else torch.full(token_nll.shape[:2], block, device=x0.device))
         return token_nll.sum(dim=-1) / counts.clamp(min=1), counts > 0

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loopdlm.diffusion.masked import NelboTerms, average_terms
+from loopdlm.diffusion.masked import NelboTerms, average_terms, reads_out_positions
 
 
 class LoopSupervision:
@@ -28,7 +28,8 @@ class LoopSupervision:
 
     The denoiser handed to `nelbo` must accept `return_loop_logits=True` and then return the logits read out after
     every loop it ran, stacked: float [K, B, L, V] with the final loop last (the trainer's denoiser does this).
-    `bound` (the reported NELBO) and everything else are the wrapped objective's.
+    When it reads out positions (`reads_out_positions`), so do the per-loop terms: [K, N, V] at the scored
+    positions only. `bound` (the reported NELBO) and everything else are the wrapped objective's.
     """
 
     def __init__(self, objective: Any, weight: float):
@@ -57,6 +58,10 @@ class LoopSupervision:
             runs.append((tokens, stacked))
             return stacked[-1]
 
+        positional = getattr(denoiser, "reads_out_positions", False)
+        if positional:
+            reads_out_positions(every_loop)
+
         final = self.objective.nelbo(every_loop, x0, generator, noisable)
         if len(runs) != 1:
             raise RuntimeError(f"per-loop supervision needs an objective that runs the denoiser once, not {len(runs)}")
@@ -72,6 +77,8 @@ class LoopSupervision:
                                        "replayed for per-loop supervision")
                 return _logits
 
+            if positional:  # the replayed objective asks for the same positions: `_logits` holds just those
+                reads_out_positions(readout)
             earlier.append(self.objective.nelbo(readout, x0, generator, noisable))
         generator.set_state(end)
         if not earlier:  # S = 1: the final loop is the only one

@@ -1,23 +1,28 @@
 """MDLM: absorbing-state forward process, SUBS parameterisation and the continuous-time NELBO.
 
 The objective knows nothing about looping: it calls a `Denoiser`, any callable mapping (tokens [B, L]) to
-logits [B, L, V]; the trainer binds the loop count S into that callable.
+logits [B, L, V]; the trainer binds the loop count S into that callable. Only masked positions are scored, so a
+denoiser marked with `reads_out_positions` is asked for the logits there alone (`logits_at`): the head, the
+log-softmax and their backward then skip the unmasked positions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from loopdlm.diffusion.schedules import SCHEDULES, Schedule, make_schedule, stratified_times
 from loopdlm.errors import ConfigError
 from loopdlm.settings import NON_NEGATIVE, POSITIVE, PROBABILITY, OneOf, Range, check_fields, setting
 
-#: tokens [B, L] -> logits [B, L, V]
-Denoiser = Callable[[Tensor], Tensor]
+#: tokens [B, L] -> logits [B, L, V]; one marked with `reads_out_positions` also takes readout_mask= (see there).
+Denoiser = Callable[..., Tensor]
+D = TypeVar("D", bound=Callable[..., Tensor])
 
 
 @dataclass
@@ -69,8 +74,25 @@ class NelboTerms:
         return self.nll_sum / self.n_tokens.clamp(min=1)
 
 
+def reads_out_positions(denoiser: D) -> D:
+    """Mark `denoiser` as taking `readout_mask=` (bool [B, L]) and then returning logits [N, V] at those positions
+    only, in row-major order (as `LoopedTransformer` does); `logits_at` then asks it for the scored positions alone.
+    Returns the denoiser itself."""
+    denoiser.reads_out_positions = True
+    return denoiser
+
+
+def logits_at(denoiser: Denoiser, tokens: Tensor, positions: Tensor, **inputs) -> Tensor:
+    """The denoiser's logits on `tokens` [B, L_in] at the True entries of `positions` bool [B, L_in]: [N, V] in
+    row-major order. Only those are computed when the denoiser `reads_out_positions`; otherwise they are selected
+    from its full logits [B, L_in, V]. `inputs` (position_ids, attn_mask, ...) go to the denoiser."""
+    if getattr(denoiser, "reads_out_positions", False):
+        return denoiser(tokens, readout_mask=positions, **inputs)
+    return denoiser(tokens, **inputs)[positions]
+
+
 def subs_log_probs(logits: Tensor, mask_id: int) -> Tensor:
-    """SUBS (a): the model never predicts the mask token. logits [B, L, V] -> float32 log-probs [B, L, V]."""
+    """SUBS (a): the model never predicts the mask token. logits [..., V] -> float32 log-probs [..., V]."""
     blocked = torch.tensor([mask_id], device=logits.device)
     return torch.log_softmax(logits.float().index_fill(-1, blocked, float("-inf")), dim=-1)
 
@@ -93,20 +115,42 @@ def apply_mask(x0: Tensor, mask_prob: Tensor, noisable: Tensor | None, mask_id: 
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
 
-def weighted_token_nll(log_probs: Tensor, x0: Tensor, masked: Tensor, weight: Tensor) -> Tensor:
-    """SUBS (b) + NELBO integrand per token: w * -log p(x0) at masked positions, exactly 0 at unmasked ones (they
-    carry over with probability 1).
+class SubsNll(torch.autograd.Function):
+    """-log p(target) under SUBS (the mask token gets no probability), fused: forward keeps only the logsumexp
+    and the target's logit instead of a [N, V] log-softmax, backward writes softmax - one-hot in one buffer
+    (autograd's log_softmax + gather + index_fill chain allocates, zero-fills and reads [N, V] several times).
 
-    Args: log_probs float [B, L, V]; x0 int64 [B, L]; masked bool [B, L]; weight float broadcastable to [B, L].
-    Returns: float [B, L] in nats.
+    apply(logits float [N, V], targets int64 [N], mask_id) -> float32 [N] in nats.
     """
-    nll = -log_probs.gather(-1, x0[..., None]).squeeze(-1)
-    return torch.where(masked, nll, torch.zeros_like(nll)) * weight
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, mask_id: int) -> Tensor:
+        scores = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+        normaliser = torch.logsumexp(scores, dim=-1)
+        ctx.save_for_backward(scores, normaliser, targets)
+        ctx.logits_dtype = logits.dtype
+        return normaliser - scores.gather(-1, targets[:, None]).squeeze(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        scores, normaliser, targets = ctx.saved_tensors
+        probs = (scores - normaliser[:, None]).exp_()  # the softmax (the saved scores stay intact for a retained graph)
+        probs.scatter_add_(-1, targets[:, None], -torch.ones_like(normaliser[:, None]))
+        return probs.mul_(grad[:, None]).to(ctx.logits_dtype), None, None
 
 
-def weighted_masked_nll(log_probs: Tensor, x0: Tensor, masked: Tensor, weight: Tensor) -> Tensor:
-    """`weighted_token_nll` summed over each row: float [B], per-row sums in nats."""
-    return weighted_token_nll(log_probs, x0, masked, weight).sum(dim=1)
+def masked_token_nll(logits: Tensor, x0: Tensor, masked: Tensor, weight: Tensor, mask_id: int) -> Tensor:
+    """SUBS + NELBO integrand per token: w * -log p(x0) at masked positions, exactly 0 at unmasked ones (they carry
+    over with probability 1), from the logits at the masked positions alone.
+
+    Args: logits float [N, V] at the N masked positions in row-major order (`logits_at(denoiser, xt, masked)`);
+        x0 int64 [B, L]; masked bool [B, L]; weight float broadcastable to [B, L].
+    Returns: float32 [B, L] in nats.
+    """
+    nll = SubsNll.apply(logits, x0[masked], mask_id)
+    weighted = nll * weight.expand(x0.shape)[masked]
+    return torch.zeros(x0.shape, dtype=weighted.dtype, device=x0.device).masked_scatter(masked, weighted)
 
 
 def average_terms(draws: list[NelboTerms]) -> NelboTerms:
@@ -157,7 +201,8 @@ class MaskedDiffusion(NelboHooks):
         """One Monte-Carlo sample of the NELBO for each row.
 
         Args:
-            denoiser: tokens [B, L] -> logits [B, L, V].
+            denoiser: tokens [B, L] -> logits [B, L, V] (asked for the masked positions only when it
+                `reads_out_positions`).
             x0: int64 [B, L] clean tokens.
             noisable: optional bool [B, L]; only these are noised and scored (default: all).
             t: optional float [B] times; drawn with `sample_times` when omitted.
@@ -168,8 +213,8 @@ class MaskedDiffusion(NelboHooks):
         if t is None:
             t = self.sample_times(batch, generator, x0.device)
         xt, masked = apply_mask(x0, self.schedule.mask_probability(t)[:, None], noisable, self.mask_id, generator)
-        log_probs = subs_log_probs(denoiser(xt), self.mask_id)
-        row_nll = weighted_masked_nll(log_probs, x0, masked, self.schedule.weight(t)[:, None])
+        row_nll = masked_token_nll(logits_at(denoiser, xt, masked), x0, masked, self.schedule.weight(t)[:, None],
+                                   self.mask_id).sum(dim=1)
         row_tokens = (noisable.sum(dim=1) if noisable is not None
                       else torch.full((batch,), x0.shape[1], device=x0.device)).float()
         return NelboTerms(nll_sum=row_nll.sum(), n_tokens=row_tokens.sum(),

@@ -134,8 +134,8 @@ def _recording(model: LoopedTransformer, masked: Tensor, sink: _Accumulator) -> 
 
     def make_hook(index: int):
         def hook(module, args, kwargs):
-            names = ("x", "position_ids", "attn_mask", "past", "return_present")
-            x, position_ids, attn_mask, past, _ = list(args) + [kwargs.get(n) for n in names[len(args):]]
+            names = ("x", "position_ids", "attn_mask", "past", "return_present", "rotary")
+            x, position_ids, attn_mask, past, _, _ = list(args) + [kwargs.get(n) for n in names[len(args):]]
             if past is not None:
                 raise UserError("attention analysis does not support a cached prefix")
             calls[index] = calls.get(index, 0) + 1

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from loopdlm.diffusion.masked import reads_out_positions
 from loopdlm.models.transformer import LoopedTransformer
 
 
@@ -94,6 +95,7 @@ def likelihood_bound(model: LoopedTransformer, objective, batches: Iterable[tupl
     generator = torch.Generator(device=device).manual_seed(seed)
     batch_nll, batch_tokens = [], []
 
+    @reads_out_positions
     def denoiser(tokens: Tensor, **kwargs) -> Tensor:
         return model(tokens, loops=loops, **kwargs).logits
 

@@ -15,6 +15,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 #: A cached prefix for one layer application: (keys before RoPE [B,H,P,hd], values [B,H,P,hd], positions [B|1,P]).
 PastKV = tuple[Tensor, Tensor, Tensor]
+#: Rotary tables of a sequence's positions: (cos, sin), each float32 [B|1, 1, L, hd/2] (see `rotary_angles`).
+Rotary = tuple[Tensor, Tensor]
 
 
 def causal_mask(length: int, device: torch.device | str) -> Tensor:
@@ -34,14 +36,15 @@ def rotary_angles(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Te
     """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
     angles = position_ids.to(torch.float32)[..., None] * inv_freq
-    return angles.cos()[:, None], angles.sin()[:, None]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate channel pairs (first half, second half) of x [B,H,L,hd] by the given angles; keeps x's dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return rotated.to(x.dtype)
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat((x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -64,6 +67,7 @@ class Attention(nn.Module):
         attn_mask: Tensor | None = None,
         past: PastKV | None = None,
         return_present: bool = True,
+        rotary: Rotary | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Attend from x to (past prefix ++ x).
 
@@ -78,13 +82,15 @@ class Attention(nn.Module):
                 projection, and a torch.compile'd forward that returns views of an intermediate makes aot_autograd
                 replay those views on every call (one such replay died with a garbage shape); training asks for
                 none, so its compiled graph has no such outputs.
+            rotary: `rotary_angles(position_ids, ...)` when the caller has them (a model builds them once per
+                forward instead of once per layer application); computed here when None.
         Returns:
             (output [B, L, D], (keys before RoPE [B,H,L,hd], values [B,H,L,hd]) or None) so callers can cache them.
         """
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         present = (k, v) if return_present else None
-        cos, sin = rotary_angles(position_ids, self.head_dim, self.rope_theta)
+        cos, sin = rotary if rotary is not None else rotary_angles(position_ids, self.head_dim, self.rope_theta)
         q = apply_rotary(q, cos, sin)
         if past is not None:
             past_k, past_v, past_pos = past
@@ -132,11 +138,11 @@ class Block(nn.Module):
 
     def forward(
         self, x: Tensor, position_ids: Tensor, attn_mask: Tensor | None = None, past: PastKV | None = None,
-        return_present: bool = True,
+        return_present: bool = True, rotary: Rotary | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """x [B, L, D] -> ([B, L, D], this application's (keys, values) or None); arguments as in
         `Attention.forward`."""
-        attended, present = self.attn(self.attn_norm(x), position_ids, attn_mask, past, return_present)
+        attended, present = self.attn(self.attn_norm(x), position_ids, attn_mask, past, return_present, rotary)
         x = x + (attended if self.attn_gate is None else self.attn_gate * attended)
         update = self.mlp(self.mlp_norm(x))
         return x + (update if self.mlp_gate is None else self.mlp_gate * update), present

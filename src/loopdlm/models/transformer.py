@@ -18,7 +18,7 @@ from torch.nn.utils import skip_init
 from torch.utils.checkpoint import checkpoint
 
 from loopdlm.errors import ConfigError
-from loopdlm.models.layers import Block, PastKV, causal_mask, init_weights
+from loopdlm.models.layers import Block, PastKV, causal_mask, init_weights, rotary_angles
 from loopdlm.settings import NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields, setting
 
 #: Identifies one layer application: (layer index, loop index); loop index is 0 outside the core.
@@ -134,9 +134,10 @@ class LoopExit(Protocol):
 class TransformerOutput:
     """What one forward pass returns.
 
-    logits: [B, L, V] float; loop_hidden: core outputs after each loop, each [B, L, D] (only when requested);
-    loop_logits: the prediction read out (coda, final norm, head) after each loop run, each [B, L, V], the last
-    being `logits` (only when requested; a model without a core gives [logits]);
+    logits: [B, L, V] float, or [N, V] at the N positions a `readout_mask` selects (row-major order);
+    loop_hidden: core outputs after each loop, each [B, L, D] (only when requested);
+    loop_logits: the prediction read out (coda, final norm, head) after each loop run, each shaped as `logits`,
+    the last being `logits` (only when requested; a model without a core gives [logits]);
     core_applications: float [B], loops actually applied per row (per-token exits count the mean over tokens);
     present: per layer application (layer, loop) the (keys before RoPE, values) of this input, when requested.
     """
@@ -195,6 +196,7 @@ class LoopedTransformer(nn.Module):
         return_hidden: bool = False,
         loop_exit: LoopExit | None = None,
         return_loop_logits: bool = False,
+        readout_mask: Tensor | None = None,
     ) -> TransformerOutput:
         """Run the stack with the core applied `loops` times.
 
@@ -210,6 +212,9 @@ class LoopedTransformer(nn.Module):
             loop_exit: optional early-exit rule for the core (adaptive depth); `loops` is then the maximum.
             return_loop_logits: also read the prediction out after every loop (per-loop supervision); not with
                 return_present, whose coda entries would be overwritten by the readouts.
+            readout_mask: optional bool [B, L]: logits only where True, [N, V] in row-major order (as Hugging
+                Face's logits_to_keep). Every layer still runs at every position (attention reads them all); only
+                the final norm and the head are restricted, which saves their work where nothing is scored.
         """
         if loops < 1:
             raise ValueError(f"loops must be >= 1, got {loops}")
@@ -221,11 +226,13 @@ class LoopedTransformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(length, device=tokens.device)[None]
         present: dict[LayerSlot, tuple[Tensor, Tensor]] | None = {} if return_present else None
+        # every layer application rotates by the same positions: build the tables once
+        rotary = rotary_angles(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta)
 
         def apply(index: int, loop: int, h: Tensor) -> Tensor:
             slot = (index, loop)
             layer_past = past.get(slot) if past is not None else None
-            h, kv = self.layers[index](h, position_ids, attn_mask, layer_past, present is not None)
+            h, kv = self.layers[index](h, position_ids, attn_mask, layer_past, present is not None, rotary)
             if present is not None:
                 present[slot] = kv
             return h
@@ -271,11 +278,11 @@ class LoopedTransformer(nn.Module):
                     active = keep if active is None else active & keep
                     stopping = not active.any()
                 if return_loop_logits and not stopping:
-                    loop_logits.append(self._read_out(h, apply))
+                    loop_logits.append(self._read_out(h, apply, readout_mask))
                 if stopping:
                     break
 
-        logits = self._read_out(h, apply)
+        logits = self._read_out(h, apply, readout_mask)
         if return_loop_logits:
             loop_logits.append(logits)
         return TransformerOutput(logits=logits, core_applications=core_applications, loop_hidden=loop_hidden,
@@ -291,30 +298,36 @@ class LoopedTransformer(nn.Module):
             return self.injection_adapter(torch.cat((h, prelude_out), dim=-1))
         return h
 
-    def _read_out(self, h: Tensor, apply: Callable[[int, int, Tensor], Tensor]) -> Tensor:
-        """Coda, final norm and head on a core output h [B, L, D] -> logits [B, L, V]."""
+    def _read_out(self, h: Tensor, apply: Callable[[int, int, Tensor], Tensor], readout_mask: Tensor | None
+                  ) -> Tensor:
+        """Coda, final norm and head on a core output h [B, L, D] -> logits [B, L, V], or [N, V] at the True
+        positions of readout_mask [B, L]."""
         for index in range(self.config.core_end, self.config.n_layers):
             h = apply(index, 0, h)
+        if readout_mask is not None:
+            h = h[readout_mask]
         return self.head(self.final_norm(h))
 
     def num_parameters(self) -> int:
         """Count of distinct trainable parameters (shared core weights counted once, tied head once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self, seq_len: int, loops: float, training: bool = True, readouts: int = 0) -> float:
+    def flops_per_token(self, seq_len: int, loops: float, training: bool = True, readouts: int = 0,
+                        readout_fraction: float = 1.0) -> float:
         """Matmul FLOPs per token for one pass, counting the core `loops` times (may be fractional: an expectation).
 
         Per layer application: 2 * (4 d^2 + 2 d h) for the attention and MLP projections (h = MLP width) plus
-        4 * L * d for attention scores and weighted values; the head adds 2 * d * V and a concat injection
-        adapter 2 * 2d * d per loop; each of `readouts` extra predictions (after earlier loops) runs the coda and
-        the head again. Training multiplies by 3 (the backward pass costs twice the forward).
+        4 * L * d for attention scores and weighted values; the head adds 2 * d * V at the `readout_fraction` of
+        positions it reads out (a `readout_mask`'s share of True) and a concat injection adapter 2 * 2d * d per
+        loop; each of `readouts` extra predictions (after earlier loops) runs the coda and the head again.
+        Training multiplies by 3 (the backward pass costs twice the forward).
         """
         cfg = self.config
         d = cfg.d_model
         per_layer = 2 * (4 * d * d + 2 * d * int(cfg.mlp_ratio * d)) + 4 * seq_len * d
         applications = cfg.n_layers - cfg.core_layers + cfg.core_layers * loops
         applications += readouts * (cfg.n_layers - cfg.core_end)
-        forward = applications * per_layer + (1 + readouts) * 2 * d * cfg.vocab_size
+        forward = applications * per_layer + (1 + readouts) * 2 * d * cfg.vocab_size * readout_fraction
         if self.injection_adapter is not None and cfg.core_layers:
             forward += loops * 2 * (2 * d) * d
         return forward * (3 if training else 1)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from loopdlm.data.batches import BatchSource
+from loopdlm.diffusion.masked import reads_out_positions
 from loopdlm.errors import UserError
 from loopdlm.eval.likelihood import likelihood_bound
 from loopdlm.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, reshard
@@ -105,6 +106,7 @@ class Validation(Callback):
                    self.batches(objective.validation_batches or trainer.config.train.eval_batches)]
         loops = trainer.loops_at(trainer.step)
 
+        @reads_out_positions
         def denoiser(tokens: Tensor, **inputs: Any) -> Tensor:
             return trainer.model(tokens, loops=loops, **inputs).logits
 

@@ -9,10 +9,12 @@ import torch
 from loopdlm.models.transformer import LoopedTransformer
 
 
-def training_flops(model: LoopedTransformer, seq_len: int, loops: float, tokens: int) -> float:
+def training_flops(model: LoopedTransformer, seq_len: int, loops: float, tokens: int,
+                   readout_fraction: float = 1.0) -> float:
     """Matmul FLOPs (forward + backward) to train on `tokens` tokens of length-`seq_len` sequences with the core
-    applied `loops` times: the core's layers are counted once per loop."""
-    return model.flops_per_token(seq_len, loops, training=True) * tokens
+    applied `loops` times (the core's layers are counted once per loop) and the head run at `readout_fraction` of
+    the positions (an MDLM step reads out only its masked ones)."""
+    return model.flops_per_token(seq_len, loops, training=True, readout_fraction=readout_fraction) * tokens
 
 
 def expected_loops(max_loops: int) -> float:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from loopdlm.data.batches import TokenBatch
-from loopdlm.diffusion.masked import NelboHooks, NelboTerms
+from loopdlm.diffusion.masked import NelboHooks, NelboTerms, reads_out_positions
 
 #: The trained module bound to this step's S: (*inputs, **options) -> the module's output.
 ModelCall = Callable[..., Any]
@@ -64,13 +64,14 @@ class Objective:
 
 def model_logits(denoiser: ModelCall) -> Callable[..., Tensor]:
     """The logits view of a LoopedTransformer call: tokens [B, L] -> float [B, L, V], or, when the caller asks for
-    `return_loop_logits` (per-loop supervision), every loop's readout stacked: [K, B, L, V]."""
+    `return_loop_logits` (per-loop supervision), every loop's readout stacked: [K, B, L, V]. It reads out
+    positions: with `readout_mask` bool [B, L], [N, V] (or [K, N, V]) at those positions only."""
 
     def logits(tokens: Tensor, **inputs: Any) -> Tensor:
         output = denoiser(tokens, **inputs)
         return torch.stack(output.loop_logits) if output.loop_logits else output.logits
 
-    return logits
+    return reads_out_positions(logits)
 
 
 class NelboObjective(Objective):

@@ -269,9 +269,10 @@ class Trainer:
             group["lr"] = lr
         flops = 0.0
 
-        def count_flops(tokens: Tensor, readouts: int) -> None:
+        def count_flops(tokens: Tensor, readouts: int, readout_fraction: float) -> None:
             nonlocal flops
-            flops += self.model.flops_per_token(tokens.shape[1], loops, True, readouts) * tokens.numel()
+            flops += self.model.flops_per_token(tokens.shape[1], loops, True, readouts,
+                                                readout_fraction) * tokens.numel()
 
         denoiser = self._model_call(loops, count_flops)
         # loss sum, count, data tokens, FLOPs, stop requests, then the objective's metric sums: summed over
@@ -314,15 +315,17 @@ class Trainer:
                 "flops": flops, "stop": stops > 0,
                 "terms": {name: value / count for name, value in zip(names, values[5:])}}
 
-    def _model_call(self, loops: int, count_flops: Callable[[Tensor, int], None]) -> ModelCall:
+    def _model_call(self, loops: int, count_flops: Callable[[Tensor, int, float], None]) -> ModelCall:
         """The wrapped module as the objective calls it this step: a LoopedTransformer at S = `loops` (its FLOPs
         counted from what it actually runs: an objective may feed longer rows than x0, e.g. block diffusion's
-        [x_t ; x_0], or ask for every loop's readout); any other module as it is."""
+        [x_t ; x_0], ask for every loop's readout, or read out only some positions); any other module as it is."""
         if not self.looped_model:
             return self.wrapped
 
         def denoiser(tokens: Tensor, **inputs: Any):
-            count_flops(tokens, loops - 1 if inputs.get("return_loop_logits") else 0)
+            readout_mask = inputs.get("readout_mask")
+            fraction = 1.0 if readout_mask is None else float(readout_mask.sum()) / readout_mask.numel()
+            count_flops(tokens, loops - 1 if inputs.get("return_loop_logits") else 0, fraction)
             return self.wrapped(tokens, loops=loops, **inputs)
 
         return denoiser
