@@ -63,6 +63,21 @@ def run_jobs(commands: Sequence[Sequence[str]], logs: Sequence[Path], parallel: 
         list(pool.map(one, zip(commands, logs)))
 
 
+def trained_to(run_dir: Path, steps: int) -> bool:
+    """True when the run's metrics already hold training step `steps` (its evaluation may still be missing)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return path.is_file() and any(r.get("split") == "train" and r.get("step") == steps for r in read_metrics(run_dir))
+
+
+def training_command(task: str | None, preset: str, run_dir: Path, settings: Sequence[str]) -> list[str]:
+    """The command that trains (or resumes) one study run: `loopdlm finetune` on a generated task, or, for
+    character-level text (task None), experiments/train_lm.py, which scores every run on the same validation text
+    whatever its seed."""
+    if task is None:
+        return [CLI[0], str(REPO / "experiments" / "train_lm.py"), preset, str(run_dir), *settings]
+    return [*CLI, "finetune", "--task", task, "--config", preset, *settings, f"train.out_dir={run_dir}"]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of a run's metrics.jsonl."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]

@@ -23,7 +23,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import CLI, MDM, REPO, cli_json, mean_spread, read_metrics, run_jobs
+from common import MDM, REPO, cli_json, mean_spread, read_metrics, run_jobs, trained_to, training_command
 
 #: task -> (preset, how it trains): sudoku4 fine-tunes on answer cells, shakespeare trains character-level.
 TASKS = {"sudoku4": "sudoku4-tiny", "shakespeare": "tiny-cpu"}
@@ -87,7 +87,7 @@ def main() -> None:
     root = REPO / args.root / args.task
     runs = plan_runs(args, variants, root)
     pending = [run for run in runs if not finished(run)]
-    train = [run for run in pending if not trained(run)]
+    train = [run for run in pending if not trained_to(run["dir"], run["steps"])]
     run_jobs([train_command(args, run) for run in train], [run["dir"].with_suffix(".log") for run in train],
              args.parallel)
     with ThreadPoolExecutor(args.parallel) as pool:
@@ -133,22 +133,11 @@ def finished(run: dict) -> bool:
     return True
 
 
-def trained(run: dict) -> bool:
-    """True when the run's metrics already hold its last training step (evaluation may still be missing)."""
-    path = run["dir"] / "metrics.jsonl"
-    return path.is_file() and any(r.get("split") == "train" and r.get("step") == run["steps"]
-                                  for r in read_metrics(run["dir"]))
-
-
 def train_command(args, run: dict) -> list[str]:
     settings = [*args.overrides, *run["overrides"], f"train.steps={args.steps}", f"train.seed={run['seed']}",
                 f"train.eval_every={args.eval_every}", f"train.ckpt_every={args.eval_every}", "train.keep_last=1",
                 f"sample.eval_loops=[{','.join(map(str, args.loops))}]", "train.device=cpu"]
-    if args.task == "sudoku4":
-        return [*CLI, "finetune", "--task", "sudoku4", "--config", TASKS[args.task], *settings,
-                f"train.out_dir={run['dir']}"]
-    # train_lm.py scores every run on the same validation text, whatever its seed.
-    return [CLI[0], str(REPO / "experiments" / "train_lm.py"), TASKS[args.task], str(run["dir"]), *settings]
+    return training_command("sudoku4" if args.task == "sudoku4" else None, TASKS[args.task], run["dir"], settings)
 
 
 def summarise_run(args, run: dict) -> None:

@@ -32,7 +32,8 @@ import os
 import sys
 from pathlib import Path
 
-from common import CLI, DEEP, IMAGES, MDM, REPO, RESULTS, cli_json, first_crossing, mean_spread, read_metrics, run_jobs
+from common import (DEEP, IMAGES, MDM, REPO, RESULTS, cli_json, first_crossing, mean_spread, read_metrics, run_jobs,
+                    trained_to, training_command)
 from loop_ablation import PAPER
 
 #: task name -> training preset; "shakespeare" is character-level language modelling, the rest are generated tasks.
@@ -80,7 +81,7 @@ def main() -> None:
     slug = args.task.replace(":", "-").replace("=", "").replace(",", "-")
     root = REPO / (args.root or f"runs/study/loop_study/{slug}-{args.steps}")
     runs = plan_runs(args, root)
-    pending = [run for run in runs if not trained(run)]
+    pending = [run for run in runs if not trained_to(run["dir"], run["steps"])]
     run_jobs([train_command(args, run) for run in pending], [run["dir"].with_suffix(".log") for run in pending],
              args.parallel)
     if args.train_only:
@@ -130,12 +131,6 @@ def plan_runs(args, root: Path) -> list[dict]:
     return runs
 
 
-def trained(run: dict) -> bool:
-    path = run["dir"] / "metrics.jsonl"
-    return path.is_file() and any(r.get("split") == "train" and r.get("step") == run["steps"]
-                                  for r in read_metrics(run["dir"]))
-
-
 def train_command(args, run: dict) -> list[str]:
     val_loops = [s for s in args.loops if s <= 8] if run["model"] in LOOPED else [1]
     settings = [*args.overrides, *run["overrides"], f"train.steps={run['steps']}", f"train.seed={run['seed']}",
@@ -143,10 +138,7 @@ def train_command(args, run: dict) -> list[str]:
                 f"sample.eval_loops=[{','.join(map(str, val_loops))}]", "train.device=cpu"]
     if args.batch_size:
         settings.append(f"train.batch_size={args.batch_size}")
-    if args.task == LM:
-        # train_lm.py scores every run on the same validation text, whatever its seed.
-        return [CLI[0], str(REPO / "experiments" / "train_lm.py"), run["preset"], str(run["dir"]), *settings]
-    return [*CLI, "finetune", "--task", args.task, "--config", run["preset"], *settings, f"train.out_dir={run['dir']}"]
+    return training_command(None if args.task == LM else args.task, run["preset"], run["dir"], settings)
 
 
 def score_run(args, run: dict) -> None:
