@@ -41,7 +41,7 @@ from loopdlm.sampling.engine import generate
 from loopdlm.sampling.loops import FixedLoops
 from loopdlm.sampling.selectors import FixedScheduleSelector
 from loopdlm.train.codd_training import CoDDTrainConfig, evaluate_codd, frozen_log_probs, train_codd_prior
-from loopdlm.train.trainer import TensorBatchSource
+from loopdlm.data.batches import TensorBatchSource
 
 MASK = 0
 LOOPS = 2
