@@ -9,6 +9,9 @@ Runs per seed (every model is the task preset's 4-layer d=128 stack unless said)
   loopmdm-eqflops  the same recipe with the MDM's training FLOPs (fewer updates, its own full LR schedule)
   paper            the paper-faithful recipe (no loop norm), --steps updates
   loopmdm-inject   the default recipe plus additive input injection (the prelude output added before every loop)
+  loopmdm-deepsup  loopmdm-inject plus per-loop supervision (weight 1): the looped-transformer recipe that Yang et
+                   al. (2023) found to converge to a fixed point and hold its accuracy beyond the trained loop count
+  loopmdm-sup      the default recipe plus per-loop supervision (weight 1), without injection
   deep             a 7-layer MDM: LoopMDM's expected per-step FLOPs, --steps updates
 
 On a task, each trained run is scored on --n held-out problems (the task's test split, the same for every run), greedy
@@ -40,10 +43,11 @@ from loop_ablation import PAPER
 PRESETS = {"sudoku4": "sudoku4-tiny", "sudoku9": "sudoku4-tiny", "add": "add-tiny", "mul": "add-tiny",
            "shakespeare": "tiny-cpu"}
 LM = "shakespeare"
-MODELS = ["mdm", "loopmdm", "loopmdm-eqflops", "paper", "loopmdm-inject", "deep"]
+MODELS = ["mdm", "loopmdm", "loopmdm-eqflops", "paper", "loopmdm-inject", "loopmdm-deepsup", "loopmdm-sup",
+          "deep"]
 #: The library's default LoopMDM recipe (the sudoku4 and demo presets'), spelled out so the study keeps its meaning.
 LOOPMDM = [*PAPER, "model.loop_norm=true"]
-LOOPED = {"loopmdm", "loopmdm-eqflops", "paper", "loopmdm-inject"}
+LOOPED = {"loopmdm", "loopmdm-eqflops", "paper", "loopmdm-inject", "loopmdm-deepsup", "loopmdm-sup"}
 SCORES = "scores.json"
 
 
@@ -96,7 +100,9 @@ def main() -> None:
 def model_overrides(model: str) -> list[str]:
     """Config overrides of a model on top of the task preset (whose LoopMDM recipe is the library default)."""
     return {"mdm": MDM, "loopmdm": LOOPMDM, "loopmdm-eqflops": LOOPMDM, "paper": PAPER,
-            "loopmdm-inject": [*LOOPMDM, "model.injection=add"], "deep": DEEP}[model]
+            "loopmdm-inject": [*LOOPMDM, "model.injection=add"],
+            "loopmdm-deepsup": [*LOOPMDM, "model.injection=add", "diffusion.loop_supervision=1.0"],
+            "loopmdm-sup": [*LOOPMDM, "diffusion.loop_supervision=1.0"], "deep": DEEP}[model]
 
 
 def equal_flops_steps(args, preset: str) -> int:
@@ -360,6 +366,7 @@ def tables(args, models: dict) -> list[str]:
                 lines.append(f"| {model} | {d} | S = {best}: {100 * cells[best]:.1f}% | S = {cheapest}: "
                              f"{100 * cells[cheapest]:.1f}% | {cap} | " + " | ".join(row) + " |")
     lines.append("(adaptive cells: solve rate at mean core applications per decoding step; a fixed S uses S)")
+    lines += ["", *scaling_verdicts(args, models)]
     if not any(m.get("attention_lift") for m in models.values()):
         return lines
     lines += ["", "| masked-key lift: model | core layer | "
@@ -370,6 +377,28 @@ def tables(args, models: dict) -> list[str]:
         for layer in layers:
             lifts = [m["attention_lift"][f"{layer}|{k}"] for k in range(1, args.attention_loops + 1)]
             lines.append(f"| {model} | {layer} | " + " | ".join(f"{v[0]:.2f} +- {v[1]:.2f}" for v in lifts) + " |")
+    return lines
+
+
+def scaling_verdicts(args, models: dict, s_max: int = 4) -> list[str]:
+    """The loop-scaling target per looped model and decoding-step count: does the solve rate rise from S = 1 to the
+    training S_max, and stay within one standard error of its S_max value at every scored S up to 2 x S_max?"""
+    lines = ["| loop scaling: model | decoding steps | S = 1 -> S_max | worst S in (S_max, 2 S_max] | one s.e. | "
+             "verdict |", "|---|---|---|---|---|---|"]
+    for model, m in models.items():
+        if model not in LOOPED:
+            continue
+        for d in args.decode_steps:
+            cells = {int(k.split("|")[1]): v[0] for k, v in m["accuracy"].items() if k.startswith(f"{d}|")}
+            beyond = [s for s in cells if s_max < s <= 2 * s_max]
+            if 1 not in cells or s_max not in cells or not beyond:
+                continue
+            at_max = cells[s_max]
+            se = math.sqrt(max(at_max * (1 - at_max), 1e-4) / (args.n * len(m["seeds"])))
+            worst = min(beyond, key=cells.get)
+            held = cells[s_max] > cells[1] and cells[worst] >= at_max - se
+            lines.append(f"| {model} | {d} | {100 * cells[1]:.1f} -> {100 * at_max:.1f}% | S = {worst}: "
+                         f"{100 * cells[worst]:.1f}% | {100 * se:.1f} | {'holds' if held else 'misses'} |")
     return lines
 
 
