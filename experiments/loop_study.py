@@ -328,7 +328,7 @@ def tables(args, models: dict) -> list[str]:
     for model, m in models.items():
         best = {}
         for d in args.decode_steps:
-            cells = {int(k.split("|")[1]): v for k, v in m["accuracy"].items() if k.startswith(f"{d}|")}
+            cells = solve_rates(m, d)
             s = max(cells, key=lambda s: cells[s][0])
             best[d] = (s, cells[s], cells.get(1))
         val = " / ".join(f"{m['final_val'][s][0]:.3f}" for s in ("1", "4") if s in m["final_val"])
@@ -357,8 +357,7 @@ def tables(args, models: dict) -> list[str]:
         for d in args.decode_steps[:1]:
             cells = {s: m["accuracy"][f"{d}|{s}"][0] for s in args.loops}
             best = max(cells, key=cells.get)
-            # The standard error of a mean over seeds of binomial rates, each on args.n puzzles.
-            se = math.sqrt(cells[best] * (1 - cells[best]) / (args.n * len(m["seeds"])))
+            se = binomial_se(cells[best], args, len(m["seeds"]))
             cheapest = min(s for s in args.loops if cells[s] >= cells[best] - se)
             for cap in args.exit_caps:
                 row = [f"{100 * m['adaptive'][f'{d}|{cap}|{e}']['accuracy'][0]:.1f}% at "
@@ -366,7 +365,7 @@ def tables(args, models: dict) -> list[str]:
                 lines.append(f"| {model} | {d} | S = {best}: {100 * cells[best]:.1f}% | S = {cheapest}: "
                              f"{100 * cells[cheapest]:.1f}% | {cap} | " + " | ".join(row) + " |")
     lines.append("(adaptive cells: solve rate at mean core applications per decoding step; a fixed S uses S)")
-    lines += ["", *scaling_verdicts(args, models)]
+    lines += ["", *scaling_verdicts(args, models, training_s_max(args))]
     if not any(m.get("attention_lift") for m in models.values()):
         return lines
     lines += ["", "| masked-key lift: model | core layer | "
@@ -380,7 +379,24 @@ def tables(args, models: dict) -> list[str]:
     return lines
 
 
-def scaling_verdicts(args, models: dict, s_max: int = 4) -> list[str]:
+def solve_rates(m: dict, decode_steps: int) -> dict[int, list]:
+    """S -> [mean, half-range, per-seed values] of a model summary's solve rates at `decode_steps` decoding steps."""
+    return {int(k.split("|")[1]): v for k, v in m["accuracy"].items() if k.startswith(f"{decode_steps}|")}
+
+
+def binomial_se(rate: float, args, seeds: int, floor: float = 0.0) -> float:
+    """Standard error of a mean over `seeds` binomial rates, each on args.n problems (variance at least `floor`)."""
+    return math.sqrt(max(rate * (1 - rate), floor) / (args.n * seeds))
+
+
+def training_s_max(args) -> int:
+    """The S_max that the task preset trains with (model.max_loops)."""
+    from loopdlm.config import load_config
+
+    return load_config(PRESETS[args.task.split(":")[0]], args.overrides).model.max_loops
+
+
+def scaling_verdicts(args, models: dict, s_max: int) -> list[str]:
     """The loop-scaling target per looped model and decoding-step count: does the solve rate rise from S = 1 to the
     training S_max, and stay within one standard error of its S_max value at every scored S up to 2 x S_max?"""
     lines = ["| loop scaling: model | decoding steps | S = 1 -> S_max | worst S in (S_max, 2 S_max] | one s.e. | "
@@ -389,12 +405,12 @@ def scaling_verdicts(args, models: dict, s_max: int = 4) -> list[str]:
         if model not in LOOPED:
             continue
         for d in args.decode_steps:
-            cells = {int(k.split("|")[1]): v[0] for k, v in m["accuracy"].items() if k.startswith(f"{d}|")}
+            cells = {s: v[0] for s, v in solve_rates(m, d).items()}
             beyond = [s for s in cells if s_max < s <= 2 * s_max]
             if 1 not in cells or s_max not in cells or not beyond:
                 continue
             at_max = cells[s_max]
-            se = math.sqrt(max(at_max * (1 - at_max), 1e-4) / (args.n * len(m["seeds"])))
+            se = binomial_se(at_max, args, len(m["seeds"]), floor=1e-4)
             worst = min(beyond, key=cells.get)
             held = cells[s_max] > cells[1] and cells[worst] >= at_max - se
             lines.append(f"| {model} | {d} | {100 * cells[1]:.1f} -> {100 * at_max:.1f}% | S = {worst}: "
