@@ -13,6 +13,9 @@ Runs per seed (every model is the task preset's 4-layer d=128 stack unless said)
                    al. (2023) found to converge to a fixed point and hold its accuracy beyond the trained loop count
   loopmdm-sup      the default recipe plus per-loop supervision (weight 1), without injection
   deep             a 7-layer MDM: LoopMDM's expected per-step FLOPs, --steps updates
+  mdm-eqflops      the MDM with the default LoopMDM's training FLOPs (more updates, its own full LR schedule)
+  mdm-long         the MDM with 4x --steps updates: about 2.3x the default LoopMDM's training FLOPs, the paper's
+                   lower FLOPs ratio (does the MDM catch up when given that much more compute?)
 
 On a task, each trained run is scored on --n held-out problems (the task's test split, the same for every run), greedy
 most-confident-first: at the first count of --decode-steps at every S of --loops and (looped runs) with the adaptive
@@ -43,8 +46,8 @@ from loop_ablation import PAPER
 PRESETS = {"sudoku4": "sudoku4-tiny", "sudoku9": "sudoku4-tiny", "add": "add-tiny", "mul": "add-tiny",
            "shakespeare": "tiny-cpu"}
 LM = "shakespeare"
-MODELS = ["mdm", "loopmdm", "loopmdm-eqflops", "paper", "loopmdm-inject", "loopmdm-deepsup", "loopmdm-sup",
-          "deep"]
+MODELS = ["mdm", "mdm-eqflops", "mdm-long", "loopmdm", "loopmdm-eqflops", "paper", "loopmdm-inject",
+          "loopmdm-deepsup", "loopmdm-sup", "deep"]
 #: The library's default LoopMDM recipe (the sudoku4 and demo presets'), spelled out so the study keeps its meaning.
 LOOPMDM = [*PAPER, "model.loop_norm=true"]
 LOOPED = {"loopmdm", "loopmdm-eqflops", "paper", "loopmdm-inject", "loopmdm-deepsup", "loopmdm-sup"}
@@ -99,14 +102,15 @@ def main() -> None:
 
 def model_overrides(model: str) -> list[str]:
     """Config overrides of a model on top of the task preset (whose LoopMDM recipe is the library default)."""
-    return {"mdm": MDM, "loopmdm": LOOPMDM, "loopmdm-eqflops": LOOPMDM, "paper": PAPER,
+    return {"mdm": MDM, "mdm-eqflops": MDM, "mdm-long": MDM, "loopmdm": LOOPMDM, "loopmdm-eqflops": LOOPMDM, "paper": PAPER,
             "loopmdm-inject": [*LOOPMDM, "model.injection=add"],
             "loopmdm-deepsup": [*LOOPMDM, "model.injection=add", "diffusion.loop_supervision=1.0"],
             "loopmdm-sup": [*LOOPMDM, "diffusion.loop_supervision=1.0"], "deep": DEEP}[model]
 
 
-def equal_flops_steps(args, preset: str) -> int:
-    """Updates that give the default LoopMDM the MDM's expected training FLOPs for --steps updates."""
+def equal_flops_steps(args, preset: str, model: str) -> int:
+    """Updates that give `model` the other one's expected training FLOPs at --steps updates: the default LoopMDM
+    the MDM's (loopmdm-eqflops), or the MDM the default LoopMDM's (mdm-eqflops)."""
     from loopdlm.config import load_config
     from loopdlm.data.task_spec import get_task
     from loopdlm.models.transformer import LoopedTransformer
@@ -122,7 +126,8 @@ def equal_flops_steps(args, preset: str) -> int:
         expected = (config.model.max_loops + 1) / 2 if config.model.core_end > config.model.core_start else 1
         return LoopedTransformer(config.model).flops_per_token(seq_len, expected)
 
-    return round(args.steps * per_token(MDM) / per_token([]))
+    ratio = per_token(MDM) / per_token(LOOPMDM)
+    return round(args.steps * (ratio if model == "loopmdm-eqflops" else 1 / ratio))
 
 
 def plan_runs(args, root: Path) -> list[dict]:
@@ -130,7 +135,8 @@ def plan_runs(args, root: Path) -> list[dict]:
     preset = PRESETS[args.task.split(":")[0]]
     runs = []
     for model in args.models:
-        steps = equal_flops_steps(args, preset) if model == "loopmdm-eqflops" else args.steps
+        steps = {"loopmdm-eqflops": equal_flops_steps(args, preset, model),
+                 "mdm-eqflops": equal_flops_steps(args, preset, model), "mdm-long": 4 * args.steps}.get(model, args.steps)
         for seed in args.seeds:
             runs.append({"model": model, "seed": seed, "steps": steps, "preset": preset,
                          "dir": root / f"{model}-s{seed}", "overrides": model_overrides(model)})
@@ -213,20 +219,33 @@ def combine(args, runs: list[dict], slug: str) -> dict:
                "decode_steps": args.decode_steps, "exit_eps": args.exit_eps, "exit_caps": args.exit_caps,
                "overrides": args.overrides,
                "models": {}}
+    out = RESULTS / f"study_{slug}_{args.steps}.json"
+    kept = kept_models(out, summary)
+    fresh = {model: (summarise_lm_model if args.task == LM else summarise_model)(args, model, items)
+             for model, items in by_model.items()}
+    merged = {**kept, **fresh}
+    summary["models"] = {model: merged[model] for model in MODELS if model in merged}
     if args.task == LM:
-        for model, items in by_model.items():
-            summary["models"][model] = summarise_lm_model(args, model, items)
-        summary["flops_ratio"] = flops_ratios(by_model)
+        summary["flops_ratio"] = {**(json.loads(out.read_text())["flops_ratio"] if kept else {}),
+                                  **flops_ratios(by_model)}
         summary["table"] = lm_tables(args, summary["models"], summary["flops_ratio"])
     else:
-        for model, items in by_model.items():
-            summary["models"][model] = summarise_model(args, model, items)
         summary["table"] = tables(args, summary["models"])
     summary["plots"] = plots(args, summary["models"], slug)
-    out = RESULTS / f"study_{slug}_{args.steps}.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"summary: {out}")
     return summary
+
+
+def kept_models(out: Path, summary: dict) -> dict:
+    """The model summaries of an earlier run of the study on the same task, budget and scoring (`out`), so that a
+    study run over some models adds to the summary instead of replacing it (run folders are not kept in git)."""
+    if not out.is_file():
+        return {}
+    earlier = json.loads(out.read_text())
+    same = all(earlier.get(key) == summary[key] for key in ("task", "steps", "n", "loops", "decode_steps",
+                                                             "exit_eps", "exit_caps", "overrides"))
+    return earlier["models"] if same else {}
 
 
 def summarise_model(args, model: str, items: list[dict]) -> dict:
