@@ -3,18 +3,20 @@ training FLOPs, and the deeper MDM with matched per-step FLOPs; on depth-bound t
 grid and adaptive loop exit against the best fixed S; on character-level Shakespeare the validation NELBO against
 training FLOPs, the FLOPs ratio at which LoopMDM reaches the MDM's final NELBO, and NELBO against S.
 
-Runs per seed (every model is the task preset's 4-layer d=128 stack unless said):
+Runs per seed (every model is the task preset's 4-layer d=128 stack unless said; every loop-recipe option is
+spelled out, so a model keeps its meaning when the library defaults change):
   mdm              the same 4 layers, no loop, --steps updates
-  loopmdm          the library's default LoopMDM recipe (the preset: core = layers 1-2, S ~ U{1..4}, loop norm)
+  loopmdm          the loop-norm recipe (core = layers 1-2, S ~ U{1..4}, loop norm: the library's default model)
   loopmdm-eqflops  the same recipe with the MDM's training FLOPs (fewer updates, its own full LR schedule)
   paper            the paper-faithful recipe (no loop norm), --steps updates
-  loopmdm-inject   the default recipe plus additive input injection (the prelude output added before every loop)
+  loopmdm-inject   the loop-norm recipe plus additive input injection (the prelude output added before every loop)
   loopmdm-deepsup  loopmdm-inject plus per-loop supervision (weight 1): the looped-transformer recipe that Yang et
                    al. (2023) found to converge to a fixed point and hold its accuracy beyond the trained loop count
-  loopmdm-sup      the default recipe plus per-loop supervision (weight 1), without injection
+  loopmdm-sup      the loop-norm recipe plus per-loop supervision (weight 1), without injection: the recipe of
+                   the sudoku4-tiny preset
   deep             a 7-layer MDM: LoopMDM's expected per-step FLOPs, --steps updates
-  mdm-eqflops      the MDM with the default LoopMDM's training FLOPs (more updates, its own full LR schedule)
-  mdm-long         the MDM with 4x --steps updates: about 2.3x the default LoopMDM's training FLOPs, the paper's
+  mdm-eqflops      the MDM with the loopmdm model's training FLOPs (more updates, its own full LR schedule)
+  mdm-long         the MDM with 4x --steps updates: about 2.3x the loopmdm model's training FLOPs, the paper's
                    lower FLOPs ratio (does the MDM catch up when given that much more compute?)
 
 On a task, each trained run is scored on --n held-out problems (the task's test split, the same for every run), greedy
@@ -48,7 +50,8 @@ PRESETS = {"sudoku4": "sudoku4-tiny", "sudoku9": "sudoku4-tiny", "add": "add-tin
 LM = "shakespeare"
 MODELS = ["mdm", "mdm-eqflops", "mdm-long", "loopmdm", "loopmdm-eqflops", "paper", "loopmdm-inject",
           "loopmdm-deepsup", "loopmdm-sup", "deep"]
-#: The library's default LoopMDM recipe (the sudoku4 and demo presets'), spelled out so the study keeps its meaning.
+#: The loop-norm recipe (the library's default model; the sudoku4 preset adds per-loop supervision), spelled out so
+#: the study keeps its meaning.
 LOOPMDM = [*PAPER, "model.loop_norm=true"]
 LOOPED = {"loopmdm", "loopmdm-eqflops", "paper", "loopmdm-inject", "loopmdm-deepsup", "loopmdm-sup"}
 SCORES = "scores.json"
@@ -102,15 +105,15 @@ def main() -> None:
 
 def model_overrides(model: str) -> list[str]:
     """Config overrides of a model on top of the task preset (whose LoopMDM recipe is the library default)."""
-    return {"mdm": MDM, "mdm-eqflops": MDM, "mdm-long": MDM, "loopmdm": LOOPMDM, "loopmdm-eqflops": LOOPMDM, "paper": PAPER,
-            "loopmdm-inject": [*LOOPMDM, "model.injection=add"],
+    return {"mdm": MDM, "mdm-eqflops": MDM, "mdm-long": MDM, "loopmdm": LOOPMDM, "loopmdm-eqflops": LOOPMDM,
+            "paper": PAPER, "loopmdm-inject": [*LOOPMDM, "model.injection=add"],
             "loopmdm-deepsup": [*LOOPMDM, "model.injection=add", "diffusion.loop_supervision=1.0"],
             "loopmdm-sup": [*LOOPMDM, "diffusion.loop_supervision=1.0"], "deep": DEEP}[model]
 
 
 def equal_flops_steps(args, preset: str, model: str) -> int:
-    """Updates that give `model` the other one's expected training FLOPs at --steps updates: the default LoopMDM
-    the MDM's (loopmdm-eqflops), or the MDM the default LoopMDM's (mdm-eqflops)."""
+    """Updates that give `model` the other one's expected training FLOPs at --steps updates: the loop-norm LoopMDM
+    the MDM's (loopmdm-eqflops), or the MDM the loop-norm LoopMDM's (mdm-eqflops)."""
     from loopdlm.config import load_config
     from loopdlm.data.task_spec import get_task
     from loopdlm.models.transformer import LoopedTransformer
