@@ -138,8 +138,10 @@ def plan_runs(args, root: Path) -> list[dict]:
     preset = PRESETS[args.task.split(":")[0]]
     runs = []
     for model in args.models:
-        steps = {"loopmdm-eqflops": equal_flops_steps(args, preset, model),
-                 "mdm-eqflops": equal_flops_steps(args, preset, model), "mdm-long": 4 * args.steps}.get(model, args.steps)
+        if model in ("loopmdm-eqflops", "mdm-eqflops"):
+            steps = equal_flops_steps(args, preset, model)
+        else:
+            steps = 4 * args.steps if model == "mdm-long" else args.steps
         for seed in args.seeds:
             runs.append({"model": model, "seed": seed, "steps": steps, "preset": preset,
                          "dir": root / f"{model}-s{seed}", "overrides": model_overrides(model)})
@@ -465,8 +467,9 @@ def plots(args, models: dict, slug: str) -> list[str]:
         rows = [{p[0]: p for p in c[s]} for c in curves]
         series[f"{model} (S={s})"] = ([sum(r[k][1] for r in rows) / len(rows) / 1e12 for k in steps],
                                       [sum(r[k][2] for r in rows) / len(rows) for k in steps], None)
+    unit = "char" if args.task == LM else "answer token"
     paths.append(str(plot_lines(series, IMAGES / f"study_{slug}_{args.steps}_val_flops.png", "training TFLOP",
-                                "validation NELBO (nats / " + ("char)" if args.task == LM else "answer token)"), f"{args.task}: NELBO vs training FLOPs")))
+                                f"validation NELBO (nats / {unit})", f"{args.task}: NELBO vs training FLOPs")))
     return paths
 
 
