@@ -230,12 +230,13 @@ def combine(args, runs: list[dict], slug: str) -> dict:
              for model, items in by_model.items()}
     merged = {**kept, **fresh}
     summary["models"] = {model: merged[model] for model in MODELS if model in merged}
+    # Against the MDM, and against the MDM given LoopMDM's training FLOPs where the study has it.
+    summary["flops_ratio"] = {reference: flops_ratios(summary["models"], reference)
+                              for reference in ("mdm", "mdm-eqflops") if reference in summary["models"]}
     if args.task == LM:
-        summary["flops_ratio"] = {**(json.loads(out.read_text())["flops_ratio"] if kept else {}),
-                                  **flops_ratios(by_model)}
-        summary["table"] = lm_tables(args, summary["models"], summary["flops_ratio"])
+        summary["table"] = lm_tables(args, summary["models"], summary["flops_ratio"].get("mdm", {}))
     else:
-        summary["table"] = tables(args, summary["models"])
+        summary["table"] = tables(args, summary["models"]) + ratio_table(summary["flops_ratio"])
     summary["plots"] = plots(args, summary["models"], slug)
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"summary: {out}")
@@ -308,24 +309,39 @@ def summarise_lm_model(args, model: str, items: list[dict]) -> dict:
             "val_curves": {item["seed"]: item["val"] for item in items}, "bits_per_char": bits}
 
 
-def flops_ratios(by_model: dict[str, list[dict]]) -> dict:
-    """Per model and seed: the MDM's training FLOPs over the FLOPs at which this model's validation curve (at the
-    training S_max for looped models) first reaches the same-seed MDM's final validation NELBO; None = never."""
-    mdm = {item["seed"]: item for item in by_model.get("mdm", [])}
+def flops_ratios(models: dict[str, dict], reference: str = "mdm") -> dict:
+    """Per model and seed: the `reference` model's training FLOPs over the FLOPs at which this model's validation
+    curve (at the training S_max for looped models) first reaches the same-seed reference's final validation
+    NELBO; None = never. Read from the model summaries, so models kept from an earlier run of the study count."""
+    def curves(model: str) -> dict[str, list]:
+        return {str(seed): by_loops["4" if "4" in by_loops else "1"]
+                for seed, by_loops in models[model]["val_curves"].items()}
+
+    mdm = curves(reference)
     ratios = {}
-    for model, items in by_model.items():
-        if model == "mdm":
+    for model in models:
+        if model == reference:
             continue
         per_seed = {}
-        for item in items:
-            if item["seed"] not in mdm:
+        for seed, curve in curves(model).items():
+            if seed not in mdm:
                 continue
-            curve = item["val"]["4" if "4" in item["val"] else "1"]
-            target = mdm[item["seed"]]["val"]["1"][-1][2]
+            target, budget = mdm[seed][-1][2], mdm[seed][-1][1]
             reached = first_crossing([p[1] for p in curve], [p[2] for p in curve], target)
-            per_seed[item["seed"]] = None if reached is None else mdm[item["seed"]]["flops"] / reached
+            per_seed[seed] = None if reached is None else budget / reached
         ratios[model] = per_seed
     return ratios
+
+
+def ratio_table(ratios: dict) -> list[str]:
+    """Markdown: per reference MDM and model, the FLOPs ratio per seed at which the model reaches its final NELBO."""
+    lines = ["", "| FLOPs ratio to the final NELBO of | model | per seed (reference FLOPs / FLOPs to reach it) |",
+             "|---|---|---|"]
+    for reference, per_model in ratios.items():
+        for model, per_seed in per_model.items():
+            cells = ", ".join(f"s{seed}: {'not reached' if r is None else f'{r:.2f}x'}" for seed, r in per_seed.items())
+            lines.append(f"| {reference} | {model} | {cells} |")
+    return lines
 
 
 def lm_tables(args, models: dict, ratios: dict) -> list[str]:
