@@ -23,9 +23,12 @@ RESULTS = REPO / "experiments" / "results"
 IMAGES = REPO / "docs" / "img"
 
 #: Model overrides of each variant: the same 4-layer d=128 stack, looped or not, and the FLOPs-matched deeper MDM.
+#: The plain models pin per-loop supervision off, which is a no-op without a core, so their saved configs say so.
 LOOP = ["model.n_layers=4", "model.core_start=1", "model.core_end=3", "model.max_loops=4"]
-MDM = ["model.n_layers=4", "model.core_start=0", "model.core_end=0", "model.max_loops=1"]
-DEEP = ["model.n_layers=7", "model.core_start=0", "model.core_end=0", "model.max_loops=1"]
+MDM = ["model.n_layers=4", "model.core_start=0", "model.core_end=0", "model.max_loops=1",
+       "diffusion.loop_supervision=0.0"]
+DEEP = ["model.n_layers=7", "model.core_start=0", "model.core_end=0", "model.max_loops=1",
+        "diffusion.loop_supervision=0.0"]
 
 
 def flops_per_token(seq_len: int, n_layers: int = 4, core: tuple[int, int] = (0, 0), loops: float = 1.0,

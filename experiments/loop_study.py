@@ -3,18 +3,20 @@ training FLOPs, and the deeper MDM with matched per-step FLOPs; on depth-bound t
 grid and adaptive loop exit against the best fixed S; on character-level Shakespeare the validation NELBO against
 training FLOPs, the FLOPs ratio at which LoopMDM reaches the MDM's final NELBO, and NELBO against S.
 
-Runs per seed (every model is the task preset's 4-layer d=128 stack unless said):
+Runs per seed (every model is the task preset's 4-layer d=128 stack unless said; every loop-recipe option is
+spelled out, so a model keeps its meaning when the library defaults change):
   mdm              the same 4 layers, no loop, --steps updates
-  loopmdm          the library's default LoopMDM recipe (the preset: core = layers 1-2, S ~ U{1..4}, loop norm)
+  loopmdm          the loop-norm recipe (core = layers 1-2, S ~ U{1..4}, loop norm: the library's default model)
   loopmdm-eqflops  the same recipe with the MDM's training FLOPs (fewer updates, its own full LR schedule)
   paper            the paper-faithful recipe (no loop norm), --steps updates
-  loopmdm-inject   the default recipe plus additive input injection (the prelude output added before every loop)
+  loopmdm-inject   the loop-norm recipe plus additive input injection (the prelude output added before every loop)
   loopmdm-deepsup  loopmdm-inject plus per-loop supervision (weight 1): the looped-transformer recipe that Yang et
                    al. (2023) found to converge to a fixed point and hold its accuracy beyond the trained loop count
-  loopmdm-sup      the default recipe plus per-loop supervision (weight 1), without injection
+  loopmdm-sup      the loop-norm recipe plus per-loop supervision (weight 1), without injection: the recipe of
+                   the sudoku4-tiny preset
   deep             a 7-layer MDM: LoopMDM's expected per-step FLOPs, --steps updates
-  mdm-eqflops      the MDM with the default LoopMDM's training FLOPs (more updates, its own full LR schedule)
-  mdm-long         the MDM with 4x --steps updates: about 2.3x the default LoopMDM's training FLOPs, the paper's
+  mdm-eqflops      the MDM with the loopmdm model's training FLOPs (more updates, its own full LR schedule)
+  mdm-long         the MDM with 4x --steps updates: about 2.3x the loopmdm model's training FLOPs, the paper's
                    lower FLOPs ratio (does the MDM catch up when given that much more compute?)
 
 On a task, each trained run is scored on --n held-out problems (the task's test split, the same for every run), greedy
@@ -48,7 +50,8 @@ PRESETS = {"sudoku4": "sudoku4-tiny", "sudoku9": "sudoku4-tiny", "add": "add-tin
 LM = "shakespeare"
 MODELS = ["mdm", "mdm-eqflops", "mdm-long", "loopmdm", "loopmdm-eqflops", "paper", "loopmdm-inject",
           "loopmdm-deepsup", "loopmdm-sup", "deep"]
-#: The library's default LoopMDM recipe (the sudoku4 and demo presets'), spelled out so the study keeps its meaning.
+#: The loop-norm recipe (the library's default model; the sudoku4 preset adds per-loop supervision), spelled out so
+#: the study keeps its meaning.
 LOOPMDM = [*PAPER, "model.loop_norm=true"]
 LOOPED = {"loopmdm", "loopmdm-eqflops", "paper", "loopmdm-inject", "loopmdm-deepsup", "loopmdm-sup"}
 SCORES = "scores.json"
@@ -102,15 +105,15 @@ def main() -> None:
 
 def model_overrides(model: str) -> list[str]:
     """Config overrides of a model on top of the task preset (whose LoopMDM recipe is the library default)."""
-    return {"mdm": MDM, "mdm-eqflops": MDM, "mdm-long": MDM, "loopmdm": LOOPMDM, "loopmdm-eqflops": LOOPMDM, "paper": PAPER,
-            "loopmdm-inject": [*LOOPMDM, "model.injection=add"],
+    return {"mdm": MDM, "mdm-eqflops": MDM, "mdm-long": MDM, "loopmdm": LOOPMDM, "loopmdm-eqflops": LOOPMDM,
+            "paper": PAPER, "loopmdm-inject": [*LOOPMDM, "model.injection=add"],
             "loopmdm-deepsup": [*LOOPMDM, "model.injection=add", "diffusion.loop_supervision=1.0"],
             "loopmdm-sup": [*LOOPMDM, "diffusion.loop_supervision=1.0"], "deep": DEEP}[model]
 
 
 def equal_flops_steps(args, preset: str, model: str) -> int:
-    """Updates that give `model` the other one's expected training FLOPs at --steps updates: the default LoopMDM
-    the MDM's (loopmdm-eqflops), or the MDM the default LoopMDM's (mdm-eqflops)."""
+    """Updates that give `model` the other one's expected training FLOPs at --steps updates: the loop-norm LoopMDM
+    the MDM's (loopmdm-eqflops), or the MDM the loop-norm LoopMDM's (mdm-eqflops)."""
     from loopdlm.config import load_config
     from loopdlm.data.task_spec import get_task
     from loopdlm.models.transformer import LoopedTransformer
@@ -135,8 +138,10 @@ def plan_runs(args, root: Path) -> list[dict]:
     preset = PRESETS[args.task.split(":")[0]]
     runs = []
     for model in args.models:
-        steps = {"loopmdm-eqflops": equal_flops_steps(args, preset, model),
-                 "mdm-eqflops": equal_flops_steps(args, preset, model), "mdm-long": 4 * args.steps}.get(model, args.steps)
+        if model in ("loopmdm-eqflops", "mdm-eqflops"):
+            steps = equal_flops_steps(args, preset, model)
+        else:
+            steps = 4 * args.steps if model == "mdm-long" else args.steps
         for seed in args.seeds:
             runs.append({"model": model, "seed": seed, "steps": steps, "preset": preset,
                          "dir": root / f"{model}-s{seed}", "overrides": model_overrides(model)})
@@ -225,12 +230,13 @@ def combine(args, runs: list[dict], slug: str) -> dict:
              for model, items in by_model.items()}
     merged = {**kept, **fresh}
     summary["models"] = {model: merged[model] for model in MODELS if model in merged}
+    # Against the MDM, and against the MDM given LoopMDM's training FLOPs where the study has it.
+    summary["flops_ratio"] = {reference: flops_ratios(summary["models"], reference)
+                              for reference in ("mdm", "mdm-eqflops") if reference in summary["models"]}
     if args.task == LM:
-        summary["flops_ratio"] = {**(json.loads(out.read_text())["flops_ratio"] if kept else {}),
-                                  **flops_ratios(by_model)}
-        summary["table"] = lm_tables(args, summary["models"], summary["flops_ratio"])
+        summary["table"] = lm_tables(args, summary["models"], summary["flops_ratio"].get("mdm", {}))
     else:
-        summary["table"] = tables(args, summary["models"])
+        summary["table"] = tables(args, summary["models"]) + ratio_table(summary["flops_ratio"])
     summary["plots"] = plots(args, summary["models"], slug)
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"summary: {out}")
@@ -303,24 +309,39 @@ def summarise_lm_model(args, model: str, items: list[dict]) -> dict:
             "val_curves": {item["seed"]: item["val"] for item in items}, "bits_per_char": bits}
 
 
-def flops_ratios(by_model: dict[str, list[dict]]) -> dict:
-    """Per model and seed: the MDM's training FLOPs over the FLOPs at which this model's validation curve (at the
-    training S_max for looped models) first reaches the same-seed MDM's final validation NELBO; None = never."""
-    mdm = {item["seed"]: item for item in by_model.get("mdm", [])}
+def flops_ratios(models: dict[str, dict], reference: str = "mdm") -> dict:
+    """Per model and seed: the `reference` model's training FLOPs over the FLOPs at which this model's validation
+    curve (at the training S_max for looped models) first reaches the same-seed reference's final validation
+    NELBO; None = never. Read from the model summaries, so models kept from an earlier run of the study count."""
+    def curves(model: str) -> dict[str, list]:
+        return {str(seed): by_loops["4" if "4" in by_loops else "1"]
+                for seed, by_loops in models[model]["val_curves"].items()}
+
+    mdm = curves(reference)
     ratios = {}
-    for model, items in by_model.items():
-        if model == "mdm":
+    for model in models:
+        if model == reference:
             continue
         per_seed = {}
-        for item in items:
-            if item["seed"] not in mdm:
+        for seed, curve in curves(model).items():
+            if seed not in mdm:
                 continue
-            curve = item["val"]["4" if "4" in item["val"] else "1"]
-            target = mdm[item["seed"]]["val"]["1"][-1][2]
+            target, budget = mdm[seed][-1][2], mdm[seed][-1][1]
             reached = first_crossing([p[1] for p in curve], [p[2] for p in curve], target)
-            per_seed[item["seed"]] = None if reached is None else mdm[item["seed"]]["flops"] / reached
+            per_seed[seed] = None if reached is None else budget / reached
         ratios[model] = per_seed
     return ratios
+
+
+def ratio_table(ratios: dict) -> list[str]:
+    """Markdown: per reference MDM and model, the FLOPs ratio per seed at which the model reaches its final NELBO."""
+    lines = ["", "| FLOPs ratio to the final NELBO of | model | per seed (reference FLOPs / FLOPs to reach it) |",
+             "|---|---|---|"]
+    for reference, per_model in ratios.items():
+        for model, per_seed in per_model.items():
+            cells = ", ".join(f"s{seed}: {'not reached' if r is None else f'{r:.2f}x'}" for seed, r in per_seed.items())
+            lines.append(f"| {reference} | {model} | {cells} |")
+    return lines
 
 
 def lm_tables(args, models: dict, ratios: dict) -> list[str]:
@@ -462,8 +483,9 @@ def plots(args, models: dict, slug: str) -> list[str]:
         rows = [{p[0]: p for p in c[s]} for c in curves]
         series[f"{model} (S={s})"] = ([sum(r[k][1] for r in rows) / len(rows) / 1e12 for k in steps],
                                       [sum(r[k][2] for r in rows) / len(rows) for k in steps], None)
+    unit = "char" if args.task == LM else "answer token"
     paths.append(str(plot_lines(series, IMAGES / f"study_{slug}_{args.steps}_val_flops.png", "training TFLOP",
-                                "validation NELBO (nats / " + ("char)" if args.task == LM else "answer token)"), f"{args.task}: NELBO vs training FLOPs")))
+                                f"validation NELBO (nats / {unit})", f"{args.task}: NELBO vs training FLOPs")))
     return paths
 
 

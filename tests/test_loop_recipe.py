@@ -3,6 +3,7 @@ reproduce the plain model bit for bit, per-loop supervision reduces to the NELBO
 early loops' graph, loop-count draws are fixed functions of (seed, step), and resume stays bit-exact with every
 option on."""
 
+import json
 import math
 
 import pytest
@@ -22,6 +23,7 @@ from loopdlm.sampling.canvas import block_prompt_canvas
 from loopdlm.sampling.loops import ConvergenceExit, FixedLoops
 from loopdlm.sampling.selectors import FixedScheduleSelector
 from loopdlm.train import loops_for_step, read_training_state, read_weights
+from loopdlm.train.checkpoint_files import CONFIG_FILE, load_checkpoint_config, load_model_weights, save_checkpoint
 from loopdlm.train.clipping import clip_gradients, clip_groups
 from loopdlm.workflow import build_objective, build_training_objective
 from test_train import MASK_ID, InterruptAfter, make_trainer, random_corpus, run_config, train_records
@@ -95,12 +97,15 @@ def test_looped_forward_equals_the_unrolled_stack_with_the_option_applied(name):
 
 
 def test_options_off_reproduce_the_plain_model_bit_for_bit():
-    """Every option spelled out at its off value: the same parameters, the same initial weights for a seed, and
-    exactly the logits of the plain prelude / core x S / coda stack."""
+    """Every option spelled out at its off value: the defaults but for the loop-carry norm (the one option on by
+    default), the same initial weights for a seed, and exactly the logits of the plain prelude / core x S / coda
+    stack."""
     off = dict(injection="none", residual_init="default", init_depth="stored", loop_norm=False, backprop_loops=0)
+    defaults = ModelConfig()
+    assert {name: getattr(defaults, name) for name in off} == {**off, "loop_norm": True}
     torch.manual_seed(0)
     plain = LoopedTransformer(ModelConfig(vocab_size=VOCAB, n_layers=4, d_model=32, n_heads=2, core_start=1,
-                                          core_end=3, max_loops=3))
+                                          core_end=3, max_loops=3, loop_norm=False))
     torch.manual_seed(0)
     explicit = LoopedTransformer(ModelConfig(vocab_size=VOCAB, n_layers=4, d_model=32, n_heads=2, core_start=1,
                                              core_end=3, max_loops=3, **off))
@@ -116,6 +121,28 @@ def test_options_off_reproduce_the_plain_model_bit_for_bit():
         for index in [0] + [1, 2] * loops + [3]:
             h, _ = model.layers[index](h, positions)
         assert torch.equal(model(tokens, loops=loops).logits, model.head(model.final_norm(h)))
+
+
+def test_checkpoints_saved_before_the_loop_norm_existed_load_as_they_ran(tmp_path):
+    """A saved config without model.loop_norm predates the setting, so its run had no carry norm: it loads with
+    loop_norm off and its weights (no norm gain) fit the model it builds; a config written today, or by hand, gets
+    the default (on)."""
+    shape = {"vocab_size": VOCAB, "n_layers": 4, "d_model": 32, "n_heads": 2, "core_start": 1, "core_end": 3,
+             "max_loops": 3}
+    old = make_model(vocab_size=VOCAB, seed=3, loop_norm=False)
+    folder = save_checkpoint(tmp_path, 1, model_state=old.state_dict(), ema_state=None, training_state={"step": 1},
+                             config=RunConfig.from_dict({"model": {**shape, "loop_norm": False}}))
+    saved = json.loads((folder / CONFIG_FILE).read_text())
+    del saved["model"]["loop_norm"]
+    (folder / CONFIG_FILE).write_text(json.dumps(saved))
+    config = load_checkpoint_config(tmp_path)
+    assert config.model.loop_norm is False
+    model = LoopedTransformer(config.model)
+    load_model_weights(tmp_path, model)
+    tokens = torch.randint(0, VOCAB, (2, 9))
+    assert torch.equal(model(tokens, loops=3).logits, old(tokens, loops=3).logits)
+    assert RunConfig.from_dict({"model": shape}).model.loop_norm is True
+    assert RunConfig.from_saved(RunConfig().to_dict()).model.loop_norm is True
 
 
 def test_legacy_input_injection_is_injection_add():
@@ -166,7 +193,8 @@ def test_identity_starts_zero_and_gated_branches_begin_as_the_identity():
         torch.manual_seed(0)
         model = LoopedTransformer(ModelConfig(vocab_size=VOCAB, n_layers=4, d_model=32, n_heads=2, core_start=1,
                                               core_end=3, max_loops=3, residual_init=residual))
-        want = model.head(model.final_norm(model.embed(tokens)))  # every block is the identity at init
+        # every block is the identity at init: what reaches the coda is the normalised embedding (loop-carry norm)
+        want = model.head(model.final_norm(model.loop_norm(model.embed(tokens))))
         for loops in (1, 3):
             torch.testing.assert_close(model(tokens, loops=loops).logits, want)
     gated = model.layers[1]

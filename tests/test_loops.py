@@ -13,10 +13,11 @@ S_MAX = 4
 
 @pytest.fixture(scope="module")
 def model() -> LoopedTransformer:
-    """prelude = layer 0, core = layer 1, coda = layer 2; weights perturbed so outputs depend on the input."""
+    """prelude = layer 0, core = layer 1, coda = layer 2 (the paper stack: the replays below do not apply the
+    loop-carry norm); weights perturbed so outputs depend on the input."""
     torch.manual_seed(0)
     net = LoopedTransformer(ModelConfig(vocab_size=11, n_layers=3, d_model=32, n_heads=2, core_start=1,
-                                        core_end=2, max_loops=S_MAX))
+                                        core_end=2, max_loops=S_MAX, loop_norm=False))
     with torch.no_grad():
         for parameter in net.parameters():
             parameter.normal_(0.0, 0.15)

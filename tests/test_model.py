@@ -5,21 +5,30 @@ from loopdlm.models import LoopedTransformer, ModelConfig
 
 
 def unrolled_forward(model: LoopedTransformer, tokens: torch.Tensor, loops: int) -> torch.Tensor:
-    """The same computation written as an explicit stack: prelude, core repeated, coda."""
+    """The same computation written as an explicit stack: prelude, core repeated (its output RMS-normalised after
+    every loop when the model has the loop-carry norm), coda."""
     cfg = model.config
-    order = list(range(cfg.core_start)) + list(range(cfg.core_start, cfg.core_end)) * loops
-    order += list(range(cfg.core_end, cfg.n_layers))
     h = model.embed(tokens)
     positions = torch.arange(tokens.shape[1])[None]
-    for index in order:
+    for index in range(cfg.core_start):
+        h, _ = model.layers[index](h, positions)
+    for _ in range(loops):
+        for index in range(cfg.core_start, cfg.core_end):
+            h, _ = model.layers[index](h, positions)
+        if model.loop_norm is not None:
+            h = model.loop_norm(h)
+    for index in range(cfg.core_end, cfg.n_layers):
         h, _ = model.layers[index](h, positions)
     return model.head(model.final_norm(h))
 
 
 def test_looped_forward_equals_explicitly_unrolled_stack(tiny_model):
     tokens = torch.randint(0, 23, (2, 10))
-    for loops in (1, 2, 5):
-        torch.testing.assert_close(tiny_model(tokens, loops=loops).logits, unrolled_forward(tiny_model, tokens, loops))
+    paper = make_model(loop_norm=False)
+    assert tiny_model.loop_norm is not None and paper.loop_norm is None  # the default recipe has the carry norm
+    for model in (tiny_model, paper):
+        for loops in (1, 2, 5):
+            torch.testing.assert_close(model(tokens, loops=loops).logits, unrolled_forward(model, tokens, loops))
 
 
 def test_logits_depend_on_input_and_loop_count(tiny_model):
@@ -40,7 +49,9 @@ def test_parameter_count_independent_of_loops():
     base = dict(vocab_size=17, n_layers=4, d_model=32, n_heads=2, core_start=1, core_end=3)
     counts = {LoopedTransformer(ModelConfig(max_loops=s, **base)).num_parameters() for s in (1, 4, 12)}
     plain = LoopedTransformer(ModelConfig(vocab_size=17, n_layers=4, d_model=32, n_heads=2)).num_parameters()
-    assert counts == {plain}
+    assert counts == {plain + 32}  # the loop-carry norm's gain is the only extra parameter of a looped model
+    paper = {LoopedTransformer(ModelConfig(max_loops=s, loop_norm=False, **base)).num_parameters() for s in (1, 4)}
+    assert paper == {plain}
 
 
 def test_looped_weights_receive_gradient_from_every_loop(tiny_model):

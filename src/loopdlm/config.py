@@ -26,6 +26,9 @@ DISTRIBUTED_MODES = ("ddp", "fsdp")
 #: Keys that earlier versions held elsewhere, (section, key) -> (section, key): read from old configs and
 #: checkpoints and accepted as overrides. Activation checkpointing is a run-time knob, not architecture.
 MOVED_KEYS = {("model", "checkpoint_loops"): ("train", "checkpoint_loops")}
+#: Settings whose default changed after the setting existed, with the value a run had before it existed. Every
+#: saved config holds all its fields, so a saved config without one predates it and ran with that value.
+SAVED_BEFORE_DEFAULTS = {("model", "loop_norm"): False}
 #: How checkpoints written before data.task existed recorded a task: data.source = "task:SPEC".
 LEGACY_TASK_PREFIX = "task:"
 
@@ -157,6 +160,16 @@ class RunConfig:
             for key, value in entries.items():
                 if (section, key) == ("data", "source") and str(value).startswith(LEGACY_TASK_PREFIX):
                     key, value = "task", value[len(LEGACY_TASK_PREFIX):]
+                _assign_key(config, section, key, value)
+        return config
+
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> RunConfig:
+        """`from_dict` for a config saved with a run (a checkpoint's): a setting it lacks predates that setting,
+        so it takes the value runs had before it (`SAVED_BEFORE_DEFAULTS`), not today's default."""
+        config = cls.from_dict(values)
+        for (section, key), value in SAVED_BEFORE_DEFAULTS.items():
+            if key not in (values or {}).get(section, {}):
                 _assign_key(config, section, key, value)
         return config
 

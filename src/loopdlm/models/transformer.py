@@ -41,9 +41,10 @@ RUN_TIME_FIELDS = ("max_loops",)
 class ModelConfig:
     """Shape of the denoiser. `vocab_size` counts every token id, the mask token included.
 
-    The loop-recipe options (injection, residual_init, init_depth, loop_norm, backprop_loops) are all off by
-    default; off, the model and its state dict are exactly those of the paper-faithful LoopMDM. The loop-only
-    ones (injection, loop_norm, backprop_loops) are ignored by a model without a core, so a plain MDM can share
+    The loop-recipe defaults are the recipe study's winner (docs/results.md): the loop-carry norm on, every other
+    option (injection, residual_init, init_depth, backprop_loops) off. With loop_norm=false as well the model and
+    its state dict are exactly those of the paper-faithful LoopMDM (the `loopmdm-paper` preset). The loop-only
+    options (injection, loop_norm, backprop_loops) are ignored by a model without a core, so a plain MDM shares
     the defaults.
     """
 
@@ -69,9 +70,9 @@ class ModelConfig:
     init_depth: str = setting(
         "stored", "depth that scales the residual output projections' init std 0.02 / sqrt(2 * depth): stored "
         "(n_layers) or effective (the core counted max_loops times)", OneOf(INIT_DEPTHS))
-    loop_norm: bool = setting(False, "RMS-normalise the core output after every loop (own gain), so the carry "
+    loop_norm: bool = setting(True, "RMS-normalise the core output after every loop (own gain), so the carry "
                               "re-entering the core and the state entering the coda are normalised (as Huginn's "
-                              "recurrent state)")
+                              "recurrent state); false = the paper's recipe")
     backprop_loops: int = setting(
         0, "truncated backprop: only the last k loops build a graph, earlier ones run under no_grad (as Huginn); "
         "0 = backpropagate through every loop. Needs an injection so the prelude keeps its gradient", NON_NEGATIVE)

@@ -153,7 +153,7 @@ def load_checkpoint_config(ckpt: str | Path) -> RunConfig:
     path = resolve_checkpoint(ckpt) / CONFIG_FILE
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
-        return RunConfig.from_dict(values)
+        return RunConfig.from_saved(values)
     except (ValueError, UserError, AttributeError) as err:
         raise UserError(f"corrupt checkpoint config {path}: {_one_line(err)}") from None
 
