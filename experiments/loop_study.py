@@ -104,7 +104,7 @@ def main() -> None:
 
 
 def model_overrides(model: str) -> list[str]:
-    """Config overrides of a model on top of the task preset (whose LoopMDM recipe is the library default)."""
+    """Config overrides of a model on top of the task preset (every loop-recipe option spelled out)."""
     return {"mdm": MDM, "mdm-eqflops": MDM, "mdm-long": MDM, "loopmdm": LOOPMDM, "loopmdm-eqflops": LOOPMDM,
             "paper": PAPER, "loopmdm-inject": [*LOOPMDM, "model.injection=add"],
             "loopmdm-deepsup": [*LOOPMDM, "model.injection=add", "diffusion.loop_supervision=1.0"],
@@ -249,8 +249,7 @@ def kept_models(out: Path, summary: dict) -> dict:
     if not out.is_file():
         return {}
     earlier = json.loads(out.read_text())
-    same = all(earlier.get(key) == summary[key] for key in ("task", "steps", "n", "loops", "decode_steps",
-                                                             "exit_eps", "exit_caps", "overrides"))
+    same = all(earlier.get(key) == value for key, value in summary.items() if key != "models")
     return earlier["models"] if same else {}
 
 
@@ -317,20 +316,25 @@ def flops_ratios(models: dict[str, dict], reference: str = "mdm") -> dict:
         return {str(seed): by_loops["4" if "4" in by_loops else "1"]
                 for seed, by_loops in models[model]["val_curves"].items()}
 
-    mdm = curves(reference)
+    baseline = curves(reference)
     ratios = {}
     for model in models:
         if model == reference:
             continue
         per_seed = {}
         for seed, curve in curves(model).items():
-            if seed not in mdm:
+            if seed not in baseline:
                 continue
-            target, budget = mdm[seed][-1][2], mdm[seed][-1][1]
+            target, budget = baseline[seed][-1][2], baseline[seed][-1][1]
             reached = first_crossing([p[1] for p in curve], [p[2] for p in curve], target)
             per_seed[seed] = None if reached is None else budget / reached
         ratios[model] = per_seed
     return ratios
+
+
+def ratio_cells(per_seed: dict) -> str:
+    """One table cell: 's0: 1.45x, s1: not reached' for a {seed: ratio or None} map."""
+    return ", ".join(f"s{seed}: {'not reached' if r is None else f'{r:.2f}x'}" for seed, r in per_seed.items())
 
 
 def ratio_table(ratios: dict) -> list[str]:
@@ -338,9 +342,7 @@ def ratio_table(ratios: dict) -> list[str]:
     lines = ["", "| FLOPs ratio to the final NELBO of | model | per seed (reference FLOPs / FLOPs to reach it) |",
              "|---|---|---|"]
     for reference, per_model in ratios.items():
-        for model, per_seed in per_model.items():
-            cells = ", ".join(f"s{seed}: {'not reached' if r is None else f'{r:.2f}x'}" for seed, r in per_seed.items())
-            lines.append(f"| {reference} | {model} | {cells} |")
+        lines += [f"| {reference} | {model} | {ratio_cells(per_seed)} |" for model, per_seed in per_model.items()]
     return lines
 
 
@@ -349,9 +351,7 @@ def lm_tables(args, models: dict, ratios: dict) -> list[str]:
     lines = ["| model | updates | train TFLOP | FLOPs ratio to the MDM's final NELBO | "
              + " | ".join(f"bits/char S={s}" for s in loops) + " |", "|---|---|---|---|" + "---|" * len(loops)]
     for model, m in models.items():
-        ratio = ratios.get(model, {})
-        ratio_text = "-" if model == "mdm" else ", ".join(
-            f"s{seed}: {'not reached' if r is None else f'{r:.2f}x'}" for seed, r in ratio.items())
+        ratio_text = "-" if model == "mdm" else ratio_cells(ratios.get(model, {}))
         cells = [f"{m['bits_per_char'][str(s)][0]:.4f} +- {m['bits_per_char'][str(s)][1]:.4f}"
                  if str(s) in m["bits_per_char"] else "" for s in loops]
         lines.append(f"| {model} | {m['updates']} | {m['train_flops'] / 1e12:.1f} | {ratio_text} | "
